@@ -1,0 +1,40 @@
+"""Offline, CPU-only test harness. Tiny real pipelines of every family are built in code (tests/tiny/)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DISABLE_TELEMETRY", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """``tiny_pipeline_dir(name) -> Path``: a saved tiny pipeline folder, built once per session."""
+    from tiny import build_tiny_pipeline
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{name}")
+            build_tiny_pipeline(name).save_pretrained(path)
+            cache[name] = path
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)

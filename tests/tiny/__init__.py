@@ -1,0 +1,33 @@
+"""Tiny real Diffusers pipelines of every family, built in code with random weights (no Hub).
+
+``build_tiny_pipeline(name)`` returns an unsaved pipeline; ``TINY_PIPELINES`` lists the names. Each
+family module exposes builders; sizes are chosen so that a forward pass takes milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import flow, sd, video
+
+TINY_PIPELINES: dict[str, Callable] = {
+    "sd": sd.build_sd,  # SD1.5-style, epsilon-prediction
+    "sd-v": sd.build_sd_v,  # SD2-style, v-prediction
+    "sdxl": sd.build_sdxl,
+    "sd3": flow.build_sd3,
+    "sd3-no-t5": flow.build_sd3_no_t5,
+    "flux": flow.build_flux,
+    "wan": video.build_wan,
+    "cogvideox": video.build_cogvideox,
+}
+
+# the family each tiny pipeline loads as, and whether it makes videos
+FAMILY_OF = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd3-no-t5": "sd3", "flux": "flux",
+             "wan": "wan", "cogvideox": "cogvideox"}
+VIDEO = {"wan", "cogvideox"}
+
+
+def build_tiny_pipeline(name: str, seed: int = 0):
+    if name not in TINY_PIPELINES:
+        raise KeyError(f"unknown tiny pipeline {name!r}; known: {sorted(TINY_PIPELINES)}")
+    return TINY_PIPELINES[name](seed=seed)

@@ -1,0 +1,88 @@
+"""Typed dataclass configs: a YAML file plus ``--key value`` overrides, validated, saved beside outputs.
+
+Parsing goes through transformers' ``HfArgumentParser`` (help text from each field's ``metadata["help"]``).
+Precedence: field default < ``--config FILE.yaml`` < command-line ``--key value``. Each config validates
+derived values in ``__post_init__`` and raises :class:`ConfigError` saying what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a one-line help string (shown by ``--help``)."""
+    metadata = {"help": help, **kwargs.pop("metadata", {})}
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def load_yaml(path: str | os.PathLike, config_cls: type) -> dict[str, Any]:
+    """Read a YAML mapping of config values, rejecting keys that ``config_cls`` does not have."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys to values, not {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} for {config_cls.__name__}{hint}")
+    return data
+
+
+def parse_config(
+    config_cls: type[T], argv: list[str] | None = None, *, prog: str | None = None, description: str | None = None
+) -> T:
+    """Build ``config_cls`` from ``--config FILE.yaml`` and ``--key value`` overrides in ``argv``."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_cls, prog=prog, description=description)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of config values (CLI flags override it)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        data = load_yaml(known.config, config_cls)
+        parser.set_defaults(**data)
+        for action in parser._actions:  # values given by the YAML file are no longer required on the CLI
+            if action.dest in data:
+                action.required = False
+    outputs = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    return outputs[0]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config as YAML into ``directory`` (atomically: never a half-written file)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,501 @@
+"""The DiffusionModel seam: the one interface between trainers and model families.
+
+A trainer never branches on the family; it asks the wrapped pipeline to encode prompts, move between
+pixels and latents, noise, predict and sample. Each family (``sd.py``, ``sd3.py``, ``flux.py``, ``wan.py``,
+``cogvideox.py``) is one subclass registered with :func:`register_family`.
+
+Conventions shared by every family:
+
+* ``cond`` is a ``dict[str, Tensor]`` whose tensors are all batch-first, so it can be indexed and
+  concatenated generically (:func:`cat_cond`, :func:`index_cond`).
+* Timesteps ``t`` are float tensors ``[B]`` in scheduler units ``[0, T)``; flow families use ``t = sigma * T``.
+* Pixels are float in ``[0, 1]``, RGB, channel-first: images ``[B, 3, H, W]``, videos ``[B, F, 3, H, W]``.
+* The reference model is the same network with LoRA disabled (:meth:`DiffusionModel.lora_disabled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import per_sample_mse
+from ..errors import VisalignError
+
+if TYPE_CHECKING:
+    from ..sde import Sampler
+
+Cond = dict[str, torch.Tensor]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelError(VisalignError):
+    """A user-facing problem with a model, checkpoint or adapter (one clear line, no traceback)."""
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Concatenate conditionings along the batch dimension."""
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in conds[0]}
+
+
+def index_cond(cond: Cond, index: torch.Tensor | slice) -> Cond:
+    """Select samples of a conditioning."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def repeat_cond(cond: Cond, repeats: int) -> Cond:
+    """Repeat every sample ``repeats`` times in place (``[a, b] -> [a, a, b, b]``), e.g. for GRPO groups."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+
+
+@dataclass
+class SampleOutput:
+    """What :meth:`DiffusionModel.sample` returns.
+
+    Attributes:
+        pixels: ``[B, 3, H, W]`` or ``[B, F, 3, H, W]`` float32 in ``[0, 1]``.
+        latents: final latents ``[B, ...]``.
+        timesteps: ``[S]`` the timesteps visited (scheduler units).
+        trajectory: ``[B, S + 1, ...]`` latents before each step and after the last (only when recorded).
+        log_probs: ``[B, S]`` fp32 per-step log-probs of the stochastic sampler (only with ``sde``).
+        means, stds: per-step transition means ``[B, S, ...]`` and stds ``[B, S]`` (only with ``sde``).
+    """
+
+    pixels: torch.Tensor | None
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    means: torch.Tensor | None = None
+    stds: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DiffusionModel:
+    """A Diffusers pipeline wrapped for training and sampling. Subclass per family.
+
+    Subclasses set the class attributes and implement the abstract methods; everything else (CFG,
+    the sampling loop, LoRA, attention backends, the denoising error) is shared here.
+    """
+
+    family: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    denoiser_name: ClassVar[str] = "unet"
+    is_video: ClassVar[bool] = False
+    is_flow: ClassVar[bool] = False
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_resolution: ClassVar[int] = 512
+    default_steps: ClassVar[int] = 30
+    default_guidance: ClassVar[float] = 5.0
+
+    def __init__(self, pipe, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        pipe.to(device=self.device)
+        if pipe.dtype != dtype:  # a pipeline built in code; from_pretrained(torch_dtype=...) already placed it and
+            pipe.to(dtype=dtype)  # keeps the modules a model marks as fp32 (Wan's norms, rotary) in fp32
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
+                component.eval()
+        pipe.set_progress_bar_config(disable=True)
+        self.source: str | None = None
+
+    @classmethod
+    def load_kwargs(cls, model_index: dict) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments a family needs for a given ``model_index.json``."""
+        return {}
+
+    # ----------------------------------------------------------------- components
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.num_train_timesteps)
+
+    # ----------------------------------------------------------------- family hooks
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        """Text conditioning for ``prompts`` (all tensors batch-first)."""
+        raise NotImplementedError
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in ``[0, 1]`` to scaled (and shifted) latents that the denoiser sees."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to pixels in ``[0, 1]`` (float32)."""
+        raise NotImplementedError
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps ``[B]`` in scheduler units."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's raw output (epsilon, v or velocity, as the family trains), same shape as ``x_t``."""
+        raise NotImplementedError
+
+    def negative_cond(self, cond: Cond, negative_prompt: str | list[str] | None = None) -> Cond:
+        """The unconditional branch of classifier-free guidance for a batch conditioned on ``cond``.
+
+        Encodes ``negative_prompt`` (``""`` when ``None``), one string for the batch or one per sample. Trainers
+        use this same hook, so CFG at training time matches sampling. Families override it where the pipeline
+        does something else (SDXL zeros the branch for an absent negative prompt).
+        """
+        batch = next(iter(cond.values())).shape[0]
+        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
+        if len(negs) != batch:
+            raise ModelError(f"got {len(negs)} negative prompts for a batch of {batch}; pass one or one per prompt")
+        return self.encode_prompt(negs)
+
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, num_frames: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Unit Gaussian initial noise, drawn as the pipeline draws it, in the layout :meth:`predict` takes.
+
+        The scheduler-dependent scale is applied afterwards by :meth:`scale_initial_noise`, so a caller can
+        draw one noise per seed and pass it as ``sample(latents=...)``.
+        """
+        raise NotImplementedError
+
+    def scale_initial_noise(self, scheduler, latents: torch.Tensor) -> torch.Tensor:
+        """Scale unit noise to the scheduler's first step (``init_noise_sigma``: > 1 for Euler-type grids)."""
+        return latents * scheduler.init_noise_sigma
+
+    def inference_scheduler(self, steps: int, latents: torch.Tensor, sde: Sampler | None = None):
+        """A private copy of the pipeline's scheduler with ``set_timesteps`` applied.
+
+        Families whose stochastic sampler needs another timestep grid (e.g. DDIM for DDIM-eta) return that
+        scheduler when ``sde`` is given.
+        """
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def scale_model_input(self, scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Scheduler-specific input scaling before the denoiser (identity for most schedulers)."""
+        return latents
+
+    def scheduler_step(self, scheduler, model_output, t, latents, generator=None) -> torch.Tensor:
+        """One deterministic (ODE) step with the pipeline's scheduler."""
+        return scheduler.step(model_output, t, latents, return_dict=False)[0]
+
+    def sde_schedule(self, scheduler, index: int) -> dict[str, Any]:
+        """The schedule quantities a stochastic sampler of :mod:`visalign.sde` needs at step ``index``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared training view
+    def denoising_error(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Per-sample mean squared error of the prediction, ``[B]`` float32 (the ELBO surrogate)."""
+        x_t = self.add_noise(x0, noise, t)
+        return per_sample_mse(self.predict(x_t, t, cond), self.target(x0, noise, t))
+
+    def guided_predict(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, guidance: float
+    ) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): ``u + w (c - u)`` in one batched forward."""
+        if uncond is None or guidance == 1.0:
+            return self.predict(x_t, t, cond)
+        both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
+        out_u, out_c = both.chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    def uses_cfg(self, guidance: float) -> bool:
+        return guidance > 1.0
+
+    # ----------------------------------------------------------------- sampling
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        sde: Sampler | None = None,
+        latents: torch.Tensor | None = None,
+        cond: Cond | None = None,
+        uncond: Cond | None = None,
+        record_trajectory: bool = False,
+        decode: bool = True,
+        progress: bool = False,
+        step_callback=None,
+        grad: bool = False,
+    ) -> SampleOutput:
+        """Generate from ``prompts``; with ``sde`` the sampler is stochastic and log-probs are returned.
+
+        ``latents`` are unit-Gaussian initial noise (as :meth:`prepare_latents` draws it); they are scaled to
+        the scheduler's first step here, as the Diffusers pipelines scale given latents.
+
+        The deterministic path (``sde=None``) uses the pipeline's own scheduler, so it reproduces the
+        Diffusers pipeline given the same initial latents. ``step_callback(model, index, t)`` runs before
+        each step (used to switch adapters per timestep). Sampling runs without autograd unless ``grad`` (for
+        reward guidance or backpropagation through the sampler).
+        """
+        with torch.set_grad_enabled(grad):
+            return self._sample(
+                prompts,
+                steps=steps,
+                guidance=guidance,
+                negative_prompt=negative_prompt,
+                generator=generator,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                sde=sde,
+                latents=latents,
+                cond=cond,
+                uncond=uncond,
+                record_trajectory=record_trajectory,
+                decode=decode,
+                progress=progress,
+                step_callback=step_callback,
+            )
+
+    def _sample(
+        self,
+        prompts,
+        *,
+        steps,
+        guidance,
+        negative_prompt,
+        generator,
+        height,
+        width,
+        num_frames,
+        sde,
+        latents,
+        cond,
+        uncond,
+        record_trajectory,
+        decode,
+        progress,
+        step_callback,
+    ) -> SampleOutput:
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
+        height = height or self.default_resolution
+        width = width or self.default_resolution
+        batch = len(prompts)
+        if cond is None:
+            cond = self.encode_prompt(list(prompts))
+        if uncond is None and self.uses_cfg(guidance):
+            uncond = self.negative_cond(cond, negative_prompt)
+        if latents is None:
+            latents = self.prepare_latents(batch, height, width, num_frames, generator)
+        scheduler = self.inference_scheduler(steps, latents, sde)
+        latents = self.scale_initial_noise(scheduler, latents)
+        timesteps = scheduler.timesteps
+        if sde is not None and sde.kind != self.sde_kind:
+            raise ModelError(
+                f"sampler {sde.name!r} is for {sde.kind} models but {self.family} needs a {self.sde_kind} sampler"
+            )
+        traj, logps, means, stds = [latents], [], [], []
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+            if step_callback is not None:
+                step_callback(self, i, t)
+            t_batch = t.expand(latents.shape[0]).to(self.device)
+            out = self.guided_predict(self.scale_model_input(scheduler, latents, t), t_batch, cond, uncond, guidance)
+            if sde is None:
+                latents = self.scheduler_step(scheduler, out, t, latents, generator)
+            else:
+                step = sde.step(out, latents, generator=generator, **self.sde_schedule(scheduler, i))
+                latents = step.prev_sample.to(latents.dtype)
+                logps.append(step.log_prob)
+                means.append(step.mean)
+                stds.append(step.std.flatten(1)[:, 0] if step.std.ndim else step.std.expand(latents.shape[0]))
+            if record_trajectory:
+                traj.append(latents)
+        pixels = self.decode(latents) if decode else None
+        return SampleOutput(
+            pixels=pixels,
+            latents=latents,
+            timesteps=timesteps,
+            trajectory=torch.stack(traj, dim=1) if record_trajectory else None,
+            log_probs=torch.stack(logps, dim=1) if sde is not None else None,
+            means=torch.stack(means, dim=1) if sde is not None and record_trajectory else None,
+            stds=torch.stack(stds, dim=1) if sde is not None else None,
+        )
+
+    @property
+    def sde_kind(self) -> str:
+        return "flow" if self.is_flow else "ddim"
+
+    # ----------------------------------------------------------------- LoRA
+    def add_lora(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        target_modules: list[str] | tuple[str, ...] | None = None,
+        adapter_name: str = "default",
+        dropout: float = 0.0,
+    ) -> list[torch.nn.Parameter]:
+        """Add a LoRA adapter to the denoiser (B = 0 at init, so the model is unchanged); returns its params."""
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            target_modules=list(target_modules or self.default_lora_targets),
+            lora_dropout=dropout,
+            init_lora_weights=True,
+        )
+        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+        self.denoiser.set_adapter(adapter_name)
+        params = self.lora_parameters(adapter_name)
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def lora_parameters(self, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+        return [p for n, p in self.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        peft_config = getattr(self.denoiser, "peft_config", None) or {}
+        return list(peft_config)
+
+    def set_adapters(self, names: str | list[str] | None, weights: float | list[float] | None = None) -> None:
+        """Activate the named adapter(s); ``None`` disables every adapter (the base model)."""
+        if names is None:
+            self.denoiser.disable_adapters()
+            return
+        self.denoiser.enable_adapters()
+        self.denoiser.set_adapters(names, weights)
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """The reference model: the same network with every adapter switched off."""
+        if not self.adapter_names:
+            yield
+            return
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """Save one adapter in Diffusers format (with its LoRA metadata), atomically.
+
+        The folder loads with ``pipe.load_lora_weights(directory)`` in plain Diffusers.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        if adapter_name not in self.adapter_names:
+            raise ModelError(f"no LoRA adapter named {adapter_name!r}; present: {self.adapter_names or 'none'}")
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        metadata = self.denoiser.peft_config[adapter_name].to_dict()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            type(self.pipe).save_lora_weights(
+                tmp,
+                **{
+                    f"{self.denoiser_name}_lora_layers": state,
+                    f"{self.denoiser_name}_lora_adapter_metadata": metadata,
+                },
+                safe_serialization=True,
+            )
+            (tmp / "visalign_lora.json").write_text(
+                json.dumps({"family": self.family, "base_model": self.source, "adapter_name": adapter_name}, indent=2)
+            )
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load a Diffusers-format LoRA (folder or ``.safetensors`` file) as ``adapter_name`` and activate it."""
+        path = Path(path)
+        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        if not file.exists():
+            raise ModelError(
+                f"LoRA not found: {file} (expected a folder with {LORA_WEIGHT_NAME} or a .safetensors file)"
+            )
+        self._check_lora_family(path, file)
+        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        self.denoiser.set_adapter(adapter_name)
+
+    def _check_lora_family(self, path: Path, file: Path) -> None:
+        from safetensors import safe_open
+
+        info = path / "visalign_lora.json" if path.is_dir() else None
+        if info is not None and info.exists():
+            family = json.loads(info.read_text()).get("family")
+            if family and family != self.family and family not in self.compatible_lora_families:
+                raise ModelError(f"LoRA {path} was trained for the {family} family; this model is {self.family}")
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+        prefixes = {k.split(".", 1)[0] for k in keys}
+        module_names = {n for n, _ in self.denoiser.named_modules()}
+        ours = [k.split(".", 1)[1] for k in keys if k.split(".", 1)[0] == self.denoiser_name]
+        targets = {k.split(".lora_")[0] for k in ours if ".lora_" in k}
+        if not targets or not targets <= module_names:
+            missing = sorted(targets - module_names)[:3]
+            raise ModelError(
+                f"LoRA {path} does not fit this {self.family} {self.denoiser_name} "
+                f"(key prefixes {sorted(prefixes)}, unknown modules {missing}): it was made for another model family"
+            )
+
+    compatible_lora_families: ClassVar[tuple[str, ...]] = ()
+
+    # ----------------------------------------------------------------- attention
+    def set_attention(self, backend: str = "sdpa") -> None:
+        """Select the attention implementation: ``sdpa`` (PyTorch, default) or ``xformers`` (CUDA only)."""
+        from ..attention import check_xformers
+
+        if backend == "sdpa":
+            return
+        if backend != "xformers":
+            raise ModelError(f"unknown attention backend {backend!r}; choose 'sdpa' or 'xformers'")
+        check_xformers(self.device)
+        self.pipe.enable_xformers_memory_efficient_attention()
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.denoiser.parameters())
+        return f"{type(self).__name__}(family={self.family}, source={self.source}, denoiser={n / 1e6:.1f}M params)"
+
+
+FAMILIES: dict[str, type[DiffusionModel]] = {}
+
+
+def register_family(cls: type[DiffusionModel]) -> type[DiffusionModel]:
+    """Class decorator that adds a family to the registry used by :func:`visalign.models.load_model`."""
+    if not cls.family or not cls.pipeline_classes:
+        raise TypeError(f"{cls.__name__} must set family and pipeline_classes")
+    if cls.family in FAMILIES:
+        raise TypeError(f"family {cls.family!r} registered twice")
+    FAMILIES[cls.family] = cls
+    return cls
