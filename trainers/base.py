@@ -1,0 +1,396 @@
+"""The one training loop every algorithm runs on.
+
+An algorithm is a *task*: an object with ``loss(batch) -> (loss, metrics)`` and a few hooks (below). The loop
+owns everything else, on ``accelerate``: mixed precision, gradient accumulation, gradient clipping, logging to
+accelerate trackers (tensorboard by default), a progress bar, periodic evaluation, atomic checkpoints with exact
+resume (trainable weights, optimizer, LR schedule, RNG states of every process, data position) and the final
+export.
+
+Departures from a stock ``Accelerator.prepare`` loop, and why:
+
+* The model is not wrapped in DDP. LoRA training calls the frozen pipeline's own modules, so gradients of the
+  (few) trainable parameters are averaged across processes explicitly after each accumulation cycle; the result
+  equals DDP's gradient averaging.
+* Data order is a pure function of ``(seed, epoch, position)``, so resuming skips to the exact batch without
+  reading the skipped ones.
+* A non-finite loss stops the run naming the step and batch; the last good checkpoint is left intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from visalign.config import config_to_dict, field, save_config
+from visalign.errors import ConfigError, VisalignError
+
+
+class TrainingError(VisalignError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not match the run)."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of the shared loop; every algorithm's config extends it."""
+
+    output_dir: str = field("outputs/run", help="where checkpoints, logs, samples and the export go")
+    seed: int = field(0, help="seed of data order, noise and initialisation")
+    max_steps: int = field(100, help="optimizer steps to train")
+    batch_size: int = field(4, help="examples per process per micro-batch")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
+    learning_rate: float = field(1e-4, help="peak learning rate (AdamW)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field(
+        "constant_with_warmup", help="learning-rate schedule"
+    )
+    warmup_steps: int = field(0, help="linear warm-up steps")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    adam_beta1: float = field(0.9, help="AdamW beta1")
+    adam_beta2: float = field(0.999, help="AdamW beta2")
+    adam_epsilon: float = field(1e-8, help="AdamW epsilon")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables clipping)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision of the forward pass")
+    checkpoint_every: int = field(0, help="save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
+    eval_every: int = field(0, help="evaluate every N steps (0: only at the end)")
+    log_every: int = field(1, help="log metrics every N steps")
+    resume_from: str | None = field(None, help="checkpoint folder, or 'latest' in output_dir/checkpoints")
+    report_to: Literal["tensorboard", "wandb", "none"] = field("tensorboard", help="metrics tracker")
+    num_workers: int = field(0, help="data-loader worker processes")
+    progress: bool = field(True, help="show a progress bar")
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("log_every and keep_checkpoints must be >= 1")
+
+
+class Task(Protocol):
+    """What an algorithm gives the loop. Optional hooks: ``evaluate(step, out_dir) -> dict``,
+    ``export(out_dir, results)``, ``on_step_end(step)``."""
+
+    config: TrainConfig
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def train_dataset(self) -> torch.utils.data.Dataset: ...
+
+    def collate(self, rows: list) -> Any: ...
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """The micro-batches of one epoch on one process: a seeded permutation, sharded by rank, last partial dropped."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    per_rank = len(perm) // world
+    mine = perm[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs a :class:`Task` to ``config.max_steps`` optimizer steps. ``Trainer(task).train()`` returns the final
+    evaluation results (or ``{}``)."""
+
+    def __init__(self, task: Task, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.task = task
+        self.config = cfg = task.config
+        self.out = Path(cfg.output_dir)
+        log_with = None if cfg.report_to == "none" else cfg.report_to
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.out / "logs")
+        )
+        set_seed(cfg.seed + self.accelerator.process_index)
+        self.params = list(task.trainable_parameters())
+        if not self.params:
+            raise TrainingError("the task has no trainable parameters")
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        self.lr_scheduler = build_lr_scheduler(cfg, optimizer)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.dataset = task.train_dataset()
+        world = self.accelerator.num_processes
+        if len(self.dataset) < cfg.batch_size * world:
+            raise ConfigError(
+                f"the dataset has {len(self.dataset)} examples, fewer than one batch "
+                f"({cfg.batch_size} x {world} processes): lower batch_size or add data"
+            )
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # micro-batches consumed in the current epoch
+
+    # ----------------------------------------------------------------- data
+    def _batches(self) -> Iterator[tuple[int, int, Any]]:
+        """Yields ``(epoch, position, batch)`` forever, from the saved position on."""
+        acc, cfg = self.accelerator, self.config
+        while True:
+            order = batch_order(
+                len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, acc.process_index, acc.num_processes
+            )
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=order[self.position :],
+                collate_fn=self.task.collate,
+                num_workers=cfg.num_workers,
+                generator=torch.Generator().manual_seed(cfg.seed + self.epoch),
+            )  # a private generator: creating a loader must not draw from the global RNG (exact resume)
+            for batch in loader:
+                self.position += 1  # counted before the yield: a checkpoint taken now resumes after this batch
+                yield self.epoch, self.position - 1, batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically: a temporary folder renamed into place when complete."""
+        acc = self.accelerator
+        final = self.checkpoint_root / f"step-{self.step:06d}"
+        tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.task.state_dict().items()}
+            save_file(state, tmp / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            meta = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "position": self.position,
+                "num_processes": acc.num_processes,
+                "batch_size": self.config.batch_size,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+            save_config(self.config, tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            kept = sorted(self.checkpoint_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in kept[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        path = self.latest_checkpoint() if str(path) == "latest" else Path(path)
+        if path is None:
+            raise TrainingError(f"resume_from='latest' but {self.checkpoint_root} holds no checkpoint")
+        meta_file = Path(path) / "trainer_state.json"
+        if not meta_file.exists():
+            raise TrainingError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        meta = json.loads(meta_file.read_text())
+        acc = self.accelerator
+        if meta["num_processes"] != acc.num_processes or meta["batch_size"] != self.config.batch_size:
+            raise TrainingError(
+                f"{path} was written by {meta['num_processes']} processes with batch_size {meta['batch_size']}; "
+                f"resume with the same (now {acc.num_processes} and {self.config.batch_size}) for an exact resume"
+            )
+        self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
+        self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(Path(path) / "lr_scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(Path(path) / f"rng-{acc.process_index}.pt", weights_only=False))
+        self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
+
+    # ----------------------------------------------------------------- the loop
+    def _sync_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def _evaluate(self) -> dict[str, float]:
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return {}
+        results = {}
+        if self.accelerator.is_main_process:
+            results = evaluate(self.step, self.out / "eval" / f"step-{self.step:06d}") or {}
+            self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=self.step)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def train(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.config
+        if cfg.resume_from:
+            self.load_checkpoint(cfg.resume_from)
+        if acc.is_main_process:
+            save_config(cfg, self.out)
+        if cfg.report_to != "none":
+            acc.init_trackers(
+                "visalign",
+                config={
+                    k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_to_dict(cfg).items()
+                },
+            )
+        batches = self._batches()
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc="training", disable=not (cfg.progress and acc.is_main_process)
+        )
+        results: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            sums: dict[str, float] = {}
+            for micro in range(cfg.gradient_accumulation_steps):
+                epoch, position, batch = next(batches)
+                with acc.autocast():
+                    loss, metrics = self.task.loss(batch)
+                if not torch.isfinite(loss.detach()).all():
+                    last = self.latest_checkpoint()
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {micro} "
+                        f"(epoch {epoch}, batch {position}); last good checkpoint: {last or 'none'}"
+                    )
+                acc.backward(loss / cfg.gradient_accumulation_steps)
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.gradient_accumulation_steps
+            self._sync_gradients()
+            if cfg.max_grad_norm > 0:
+                sums["grad_norm"] = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                logged = self._reduce_metrics(sums)
+                logged["lr"] = self.lr_scheduler.get_last_lr()[0]
+                acc.log(logged, step=self.step)
+                bar.set_postfix(loss=f"{logged['loss']:.4g}")
+            bar.update(1)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self._evaluate()
+            hook = getattr(self.task, "on_step_end", None)
+            if hook is not None:
+                hook(self.step)
+        bar.close()
+        self.save_checkpoint()
+        results = self._evaluate()
+        export = getattr(self.task, "export", None)
+        if export is not None and acc.is_main_process:
+            export(self.out / "final", results)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
+
+    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return sums
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, values)}
+
+
+def write_model_card(
+    directory: str | os.PathLike,
+    *,
+    title: str,
+    base_model: str | None,
+    data: str | None,
+    config: Any,
+    results: dict[str, float] | None = None,
+    usage: str = "",
+) -> Path:
+    """A README.md beside an exported adapter: base model, data, hyper-parameters and measured results."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["---", "library_name: diffusers", "tags: [visalign, lora]"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {title}", "", f"- base model: `{base_model}`", f"- data: `{data}`", ""]
+    if results:
+        lines += ["## Results", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) and math.isfinite(v) else f"| {k} | {v} |"
+            for k, v in results.items()
+        ]
+        lines.append("")
+    if usage:
+        lines += ["## Usage", "", "```python", usage.strip(), "```", ""]
+    lines += ["## Hyper-parameters", "", "```yaml"]
+    import yaml
+
+    lines += [yaml.safe_dump(config_to_dict(config), sort_keys=False).strip(), "```", ""]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".README.")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, directory / "README.md")
+    return directory / "README.md"
