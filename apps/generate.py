@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from visalign.config import field, save_config
-from visalign.errors import ConfigError, VisalignError
-
-PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+from visalign.errors import ConfigError
+from visalign.evaluation import generate, read_prompts
 
 
 @dataclass
@@ -52,35 +51,6 @@ class GenerateConfig:
                 raise ConfigError(f"{name} must be a positive multiple of 8, got {value}")
 
 
-def read_prompts(spec: str) -> list[str]:
-    """A prompt file (``.txt`` lines or ``.jsonl`` rows with ``prompt``) or a single literal prompt."""
-    path = Path(spec)
-    looks_like_file = path.suffix.lower() in PROMPT_FILE_SUFFIXES or os.sep in spec
-    if not path.is_file():
-        if looks_like_file:
-            raise ConfigError(f"prompt file not found: {spec} (pass an existing .txt/.jsonl file or a prompt text)")
-        if not spec.strip():
-            raise ConfigError("--prompts is empty: pass a prompt text or a prompt file")
-        return [spec]
-    prompts = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}:{i}: each row needs a string field 'prompt'")
-            prompts.append(row["prompt"])
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -89,36 +59,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return device
-
-
-def generate(model, prompts: list[str], seeds: list[int], *, batch_size: int = 4, progress: bool = True, **kw):
-    """Sample one output per (prompt, seed) pair, in batches; yields ``(index, media)`` with media in [0,1]."""
-    import torch
-    from tqdm.auto import tqdm
-
-    if len(prompts) != len(seeds):
-        raise ValueError("prompts and seeds must have the same length")
-    bar = tqdm(total=len(prompts), desc="generating", unit="sample", disable=not progress)
-    height = kw.pop("height", None) or model.default_resolution
-    width = kw.pop("width", None) or model.default_resolution
-    num_frames = kw.pop("num_frames", None)
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        latents = torch.cat(
-            [
-                model.prepare_latents(1, height, width, num_frames, torch.Generator().manual_seed(s))
-                for s in seeds[chunk]
-            ]
-        )
-        gen = torch.Generator(device=model.device).manual_seed(seeds[chunk][0])
-        with torch.no_grad():
-            out = model.sample(
-                prompts[chunk], latents=latents, generator=gen, height=height, width=width, num_frames=num_frames, **kw
-            )
-        for offset, media in enumerate(out.pixels):
-            yield start + offset, media
-        bar.update(len(out.pixels))
-    bar.close()
 
 
 def run(cfg: GenerateConfig) -> Path:
@@ -182,4 +122,4 @@ def main(argv: list[str]) -> None:
     run(cfg)
 
 
-__all__ = ["GenerateConfig", "generate", "read_prompts", "run", "main", "VisalignError"]
+__all__ = ["GenerateConfig", "run", "main"]

@@ -389,6 +389,33 @@ class DiffusionModel:
         self.denoiser.enable_adapters()
         self.denoiser.set_adapters(names, weights)
 
+    def set_reference(self, module: torch.nn.Module | None, offload: bool = False) -> None:
+        """Use a frozen copy of the denoiser as the reference (full fine-tuning); ``None`` goes back to
+        "LoRA disabled". With ``offload`` the copy waits on the CPU and visits the device for each reference pass."""
+        if module is not None:
+            module.requires_grad_(False).eval()
+            module.to("cpu" if offload else self.device)
+        self._reference, self._offload_reference = module, offload
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference model for DPO/KL terms: the frozen copy when one is set, else the LoRA switched off."""
+        ref = getattr(self, "_reference", None)
+        if ref is None:
+            with self.lora_disabled():
+                yield
+            return
+        policy = self.denoiser
+        if self._offload_reference:
+            ref.to(self.device)
+        setattr(self.pipe, self.denoiser_name, ref)
+        try:
+            yield
+        finally:
+            setattr(self.pipe, self.denoiser_name, policy)
+            if self._offload_reference:
+                ref.to("cpu")
+
     @contextlib.contextmanager
     def lora_disabled(self):
         """The reference model: the same network with every adapter switched off."""
