@@ -146,6 +146,12 @@ class Trainer:
         self.config = cfg = task.config
         self.out = Path(cfg.output_dir)
         log_with = None if cfg.report_to == "none" else cfg.report_to
+        if accelerator is None:
+            # a run earlier in this process (another trainer, another precision) leaves accelerate's singleton
+            # state behind; the process group itself (PartialState) is kept
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.out / "logs")
         )
@@ -368,11 +374,13 @@ def write_model_card(
     config: Any,
     results: dict[str, float] | None = None,
     usage: str = "",
+    library_name: str = "diffusers",
+    tags: tuple[str, ...] = ("visalign", "lora"),
 ) -> Path:
     """A README.md beside an exported adapter: base model, data, hyper-parameters and measured results."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = ["---", "library_name: diffusers", "tags: [visalign, lora]"]
+    lines = ["---", f"library_name: {library_name}", f"tags: [{', '.join(tags)}]"]
     if base_model:
         lines.append(f"base_model: {base_model}")
     lines += ["---", "", f"# {title}", "", f"- base model: `{base_model}`", f"- data: `{data}`", ""]
