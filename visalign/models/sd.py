@@ -51,7 +51,8 @@ class StableDiffusion(DiffusionModel):
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         size = pipe.unet.config.sample_size
         # the pipeline's default resolution: 512 for SD1.5, 768 for SD2 (v), 1024 for SDXL
-        self.default_resolution = (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+        if size is not None:  # else the family's default (a UNet config without sample_size)
+            self.default_resolution = (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
         self.prediction_type = pipe.scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
             raise ModelError(
