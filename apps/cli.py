@@ -10,6 +10,10 @@ import sys
 # name -> (module with main(argv), one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("apps.generate", "sample images or videos from a pipeline (+ LoRA), with metadata"),
+    "pairs": ("apps.pairs", "sample K per prompt, score with a reward, write preference pairs and rankings"),
+    "evaluate": ("apps.evaluate", "compare a base model and its adapters: rewards, oracle, win rates, drift, grid"),
+    "train": ("apps.train", "train: diffusion-dpo, mapo, llm-dpo (visalign train --help lists them)"),
+    "score": ("apps.score", "score images or videos with a reward: JSONL, CSV summary, histogram"),
 }
 
 

@@ -156,3 +156,93 @@ def evaluate_samples(
     results = oracle_metrics(media, texts) if oracle else {}
     (out / "report.json").write_text(json.dumps({"prompts": texts, "seeds": seeds, "results": results}, indent=2))
     return results
+
+
+def thumbnails(media: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Pixel features for diversity and FD: ``[N, 3 * size * size]`` (videos: mean over frames)."""
+    x = media.float().mean(1) if media.ndim == 5 else media.float()
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area").flatten(1)
+
+
+def evaluate_variants(
+    model,
+    variants: dict[str, str | None],
+    prompts: list[str],
+    seeds: list[int],
+    out_dir,
+    *,
+    scorers: dict | None = None,
+    oracle: bool = False,
+    base: str | None = None,
+    **sample_kw,
+) -> dict:
+    """Sample every variant on the same ``(prompt, seed)`` list and compare them.
+
+    Args:
+        variants: display name -> adapter name loaded on ``model`` (``None``: the base model).
+        scorers: name -> ``fn(media, prompts) -> [N] scores`` (reward models).
+        oracle: add shapes-world oracle figures.
+        base: the variant the others' win rates are against (default: the first).
+
+    Returns:
+        ``{"variants": {name: {metric: value}}, "prompts", "seeds"}``; also writes ``report.json`` and
+        ``grid.png`` (one row per variant, same seeds per column) to ``out_dir``.
+    """
+    from .media import image_grid, save_image
+    from .metrics import drift_stats, frechet_distance, pairwise_diversity, win_rate
+
+    scorers = scorers or {}
+    base = base or next(iter(variants))
+    media, scores, report = {}, {}, {}
+    for name, adapter in variants.items():
+        model.set_adapters(adapter)
+        media[name] = sample_all(model, prompts, seeds, **sample_kw)
+        row = drift_stats(media[name])
+        row["diversity"] = pairwise_diversity(thumbnails(media[name]))
+        scores[name] = {}
+        for reward_name, fn in scorers.items():
+            s = torch.as_tensor(fn(media[name], prompts)).float().cpu()
+            scores[name][reward_name] = s
+            row[f"reward/{reward_name}"] = float(s.mean())
+        if oracle:
+            from .toyworld import judge_images, judge_videos, summarize
+
+            verdicts = (judge_videos if media[name].ndim == 5 else judge_images)(media[name], prompts)
+            scores[name]["oracle_strict"] = torch.tensor([float(v.strict) for v in verdicts])
+            row.update(
+                {
+                    f"oracle/{split}/{k}": float(v)
+                    for split, vals in summarize(verdicts).items()
+                    for k, v in vals.items()
+                    if v is not None and k != "n_positioned"
+                }
+            )
+        report[name] = row
+    for name in variants:
+        if name == base:
+            continue
+        for key, s in scores[name].items():
+            report[name][f"win_rate/{key}"] = win_rate(s, scores[base][key])["win_rate"]
+        report[name]["fd_to_base"] = frechet_distance(thumbnails(media[name]), thumbnails(media[base]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ncol = min(len(prompts), 8)
+    rows = [(m[:, 0] if m.ndim == 5 else m)[:ncol] for m in media.values()]
+    save_image(image_grid(torch.cat(rows), nrow=ncol), out / "grid.png")
+    result = {"base": base, "variants": report, "prompts": prompts, "seeds": seeds}
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "report.json")
+    return result
+
+
+def format_table(report: dict, keys: list[str] | None = None) -> str:
+    """A plain-text table of variants (rows) by metrics (columns)."""
+    variants = report["variants"]
+    keys = keys or sorted({k for row in variants.values() for k in row})
+    width = max(len(n) for n in variants) + 2
+    lines = [" " * width + "  ".join(f"{k:>14.14s}" for k in keys)]
+    for name, row in variants.items():
+        cells = [f"{row[k]:14.4f}" if isinstance(row.get(k), float) else f"{'-':>14s}" for k in keys]
+        lines.append(f"{name:{width}s}" + "  ".join(cells))
+    return "\n".join(lines)

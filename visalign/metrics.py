@@ -59,7 +59,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
     root_a = _sqrtm_psd(s_a)
     cross = _sqrtm_psd(root_a @ s_b @ root_a)
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a + s_b - 2 * cross))
+    return max(0.0, float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a + s_b - 2 * cross)))  # >= 0 up to rounding
 
 
 def pairwise_diversity(features: torch.Tensor) -> float:

@@ -1,0 +1,81 @@
+"""``visalign train ALGO [--config F.yaml] [--key value ...]``: run one training algorithm on the shared loop.
+
+Each algorithm is a ``trainers/`` module with a config dataclass (extending ``TrainConfig``) and a task class
+(``Task(config)``, the loop's protocol). They are listed in :data:`ALGORITHMS` and imported only when chosen, so
+``visalign train --help`` stays fast. ``visalign train ALGO --help`` lists the options of one algorithm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import NamedTuple
+
+from visalign.config import parse_config
+from visalign.errors import ConfigError
+
+
+class Algorithm(NamedTuple):
+    module: str  # a trainers/ module, imported lazily
+    config: str  # its config dataclass (extends trainers.base.TrainConfig)
+    task: str  # its task class: task(config) implements trainers.base.Task
+    help: str  # one line for `visalign train --help`
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "diffusion-dpo": Algorithm(
+        "trainers.diffusion_dpo",
+        "DiffusionDPOConfig",
+        "DiffusionDPO",
+        "Diffusion-DPO / Flow-DPO on any family, LoRA or full (--loss: any pairwise loss of visalign.losses)",
+    ),
+    "mapo": Algorithm("trainers.mapo", "MaPOConfig", "MaPO", "MaPO: margin-aware, reference-free preference training"),
+    "llm-dpo": Algorithm(
+        "trainers.llm_preference",
+        "LLMPreferenceConfig",
+        "LLMPreferenceTask",
+        "text LLM preference training: DPO, IPO, KTO, ORPO, SimPO, ... (--loss: any text loss of visalign.losses)",
+    ),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in ALGORITHMS)
+    lines = ["usage: visalign train ALGO [--config FILE.yaml] [--key value ...]", "", "algorithms:"]
+    lines += [f"  {name:<{width}}  {algo.help}" for name, algo in ALGORITHMS.items()]
+    lines += ["", "Run 'visalign train ALGO --help' for the options of one algorithm."]
+    return "\n".join(lines)
+
+
+def resolve(name: str) -> tuple[type, type]:
+    """The config and task classes of algorithm ``name``; an unknown name lists the available ones."""
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    algo = ALGORITHMS[name]
+    module = importlib.import_module(algo.module)
+    return getattr(module, algo.config), getattr(module, algo.task)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``ALGO`` and its options, train, and return the final evaluation results (``{}`` without any)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        if argv:
+            raise SystemExit(0)
+        return {}
+    name, rest = argv[0], argv[1:]
+    config_cls, task_cls = resolve(name)
+    config = parse_config(config_cls, rest, prog=f"visalign train {name}", description=ALGORITHMS[name].help)
+    from trainers.base import Trainer
+
+    results = Trainer(task_cls(config)).train()
+    print(f"visalign train {name}: done; checkpoints and logs in {config.output_dir}, export in "
+          f"{config.output_dir}/final")  # fmt: skip
+    for key, value in results.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``oracle``: the shapes world's exact judge as a reward (evaluation only; not differentiable).
+
+Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (TOYWORLD.md).
+``score="strict"`` (default): 1 when every attribute the caption names is right, else 0; ``score="partial"``:
+the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
+colour, shape, direction and temporal consistency). Components hold each attribute as 0/1 (NaN where the
+caption names no position). A prompt outside the shapes-world grammar cannot be judged: ``valid=False``.
+Trainers must never see this reward: it measures what they are meant to learn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Reward, RewardOutput
+from .specs import BUILTIN_SPECS
+
+IMAGE_ATTRIBUTES = ("object", "color_ok", "shape_ok", "position_ok")
+VIDEO_ATTRIBUTES = ("object", "color_ok", "shape_ok", "direction_ok", "consistent")
+
+
+class OracleReward(Reward):
+    """The shapes-world oracle.
+
+    Args:
+        score: ``"strict"`` or ``"partial"``.
+        batch_size: media per chunk.
+    """
+
+    def __init__(self, score: str = "strict", batch_size: int = 64):
+        if score not in ("strict", "partial"):
+            raise ValueError(f"score must be 'strict' or 'partial', got {score!r}")
+        super().__init__(BUILTIN_SPECS["oracle"], batch_size)
+        self.score = score
+
+    def score_batch(self, media: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
+        from visalign.toyworld import CaptionError, judge_images, judge_videos, parse_caption, parse_video_caption
+
+        video = media.ndim == 5
+        parse = parse_video_caption if video else parse_caption
+        attributes = VIDEO_ATTRIBUTES if video else IMAGE_ATTRIBUTES
+        ok = []
+        for p in prompts:
+            try:
+                parse(p)
+                ok.append(True)
+            except CaptionError:
+                ok.append(False)
+        keep = [i for i, good in enumerate(ok) if good]
+        judge = judge_videos if video else judge_images
+        verdicts = dict(zip(keep, judge(media[keep], [prompts[i] for i in keep]))) if keep else {}
+        scores, comps = [], {a: [] for a in attributes}
+        for i in range(len(prompts)):
+            v = verdicts.get(i)
+            values = {a: math.nan if v is None or getattr(v, a) is None else float(getattr(v, a)) for a in attributes}
+            for a in attributes:
+                comps[a].append(values[a])
+            if v is None:
+                scores.append(0.0)
+            elif self.score == "strict":
+                scores.append(float(v.strict))
+            else:
+                named = [values[a] for a in attributes if a != "object" and not math.isnan(values[a])]
+                scores.append(sum(named) / len(named))
+        device = media.device
+        return RewardOutput(
+            torch.tensor(scores, device=device),
+            {a: torch.tensor(c, device=device) for a, c in comps.items()},
+            torch.tensor(ok, device=device),
+        )
+
+
+def load_oracle(score: str = "strict", batch_size: int = 64) -> OracleReward:
+    """The oracle (no weights)."""
+    return OracleReward(score, batch_size).freeze()
+
+
+def random_oracle(size: str = "tiny", score: str = "strict") -> OracleReward:
+    """The oracle has no weights: the same as :func:`load_oracle`."""
+    return load_oracle(score)

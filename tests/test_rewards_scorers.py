@@ -1,0 +1,130 @@
+"""Behaviour of the scorers that are more than a forward pass: discriminator training and head files, the
+video adapter's frame sampling and reductions, temporal consistency, and the shapes-world oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reward_models import RewardInputError, build_random_reward, build_reward
+from reward_models.discriminator import DiscriminatorReward, load_discriminator, random_discriminator
+from reward_models.encoders import FeatureEncoder
+from reward_models.video import TemporalConsistencyReward, VideoReward, reduce_frames, sample_frame_indices
+
+
+# ----------------------------------------------------------------------------------------------- discriminator
+def _two_distributions(n=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    real = 0.6 + 0.4 * torch.rand(n, 3, 32, 32, generator=gen)  # bright
+    fake = 0.4 * torch.rand(n, 3, 32, 32, generator=gen)  # dark
+    return real, fake
+
+
+def test_discriminator_fit_separates_real_from_fake_and_the_logit_is_the_reward():
+    reward = random_discriminator("tiny")
+    real, fake = _two_distributions()
+    before = reward(real).scores.mean() - reward(fake).scores.mean()
+    losses = reward.fit(real, fake, steps=150, lr=3e-3, batch_size=32)
+    assert losses[-1] < 0.3 < losses[0]
+    held_real, held_fake = _two_distributions(8, seed=1)
+    after_real, after_fake = reward(held_real).scores, reward(held_fake).scores
+    assert after_real.min() > after_fake.max()  # held-out samples are ranked right
+    assert after_real.mean() - after_fake.mean() > before + 2
+    assert not any(p.requires_grad for p in reward.parameters())  # frozen again after fitting
+    with pytest.raises(RewardInputError, match=r"must be in \[0, 1\]"):
+        reward.fit(real * 2, fake, steps=1)
+
+
+def test_discriminator_head_save_and_load_round_trip(tmp_path):
+    reward = random_discriminator("tiny", seed=1)
+    real, fake = _two_distributions(8)
+    reward.fit(real, fake, steps=5)
+    path = reward.save_head(tmp_path / "head.safetensors")
+
+    other = DiscriminatorReward(reward.encoder).load_head(path)
+    torch.testing.assert_close(other(real).scores, reward(real).scores)
+
+    # load_discriminator rebuilds encoder + head; the encoder is a saved transformers folder
+    reward.encoder.model.save_pretrained(tmp_path / "encoder")
+    loaded = build_reward("discriminator", head=str(path), encoder=str(tmp_path / "encoder"))
+    torch.testing.assert_close(loaded(real).scores, reward(real).scores, rtol=1e-5, atol=1e-5)
+
+    # the head records its encoder: with a named source, only the head file is needed
+    reward.encoder.source = str(tmp_path / "encoder")
+    path2 = reward.save_head(tmp_path / "head2.safetensors")
+    torch.testing.assert_close(load_discriminator(str(path2))(real).scores, reward(real).scores, rtol=1e-5, atol=1e-5)
+
+
+def test_discriminator_on_an_open_clip_encoder():
+    reward = random_discriminator("tiny", kind="open_clip")
+    assert reward.encoder.kind == "open_clip" and reward.head.feature_dim == reward.encoder.dim
+    assert reward(torch.rand(3, 3, 40, 40)).scores.shape == (3,)
+
+
+# ----------------------------------------------------------------------------------------------- video
+def test_frame_sampling_is_uniform():
+    assert sample_frame_indices(8, 4).tolist() == [0, 2, 5, 7]
+    assert sample_frame_indices(8, 1).tolist() == [0]
+    assert sample_frame_indices(5, None).tolist() == [0, 1, 2, 3, 4]
+    assert sample_frame_indices(3, 8).tolist() == [0, 1, 2]
+    values = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, 4.0]])
+    assert reduce_frames(values, "mean").tolist() == [pytest.approx(2 / 3), pytest.approx(5 / 3)]
+    assert reduce_frames(values, "min").tolist() == [-2.0, 0.5]
+    assert reduce_frames(values, "first").tolist() == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("reduce", ["mean", "min", "first"])
+def test_video_adapter_equals_per_frame_scores(reduce):
+    image_reward = build_random_reward("clip")
+    video = VideoReward(image_reward, frames=3, reduce=reduce)
+    media = torch.rand(2, 7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    out = video(media, prompts)
+    idx = [0, 3, 6]
+    per_frame = torch.stack([image_reward(media[:, i], prompts).scores for i in idx], dim=1)
+    torch.testing.assert_close(out.scores, reduce_frames(per_frame, reduce))
+    assert video.spec.name == "video(clip)" and video.spec.modalities == ("video",)
+    with pytest.raises(RewardInputError, match="scores videos, not images"):
+        video(media[:, 0], prompts)
+
+
+def test_video_spec_string_wraps_a_registered_reward():
+    video = build_random_reward("video(reward=clip(hessel=true),frames=2,reduce=min)")
+    assert isinstance(video, VideoReward) and video.reward.hessel and video.frames == 2 and video.reduce == "min"
+    out = video(torch.rand(2, 5, 3, 32, 32), ["a", "b"])
+    assert "cosine" in out.components and (out.scores >= 0).all()
+
+
+def test_temporal_consistency():
+    reward = TemporalConsistencyReward(FeatureEncoder.random("dinov2", "tiny"))
+    still = torch.rand(1, 1, 3, 32, 32).expand(2, 6, 3, 32, 32)
+    torch.testing.assert_close(reward(still).scores, torch.ones(2))
+    flicker = torch.rand(2, 6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert (reward(flicker).scores < 1 - 1e-4).all()
+    # the mean of consecutive-frame cosines, nothing else
+    f = torch.nn.functional.normalize(reward.encoder(flicker.flatten(0, 1)).float(), dim=-1).view(2, 6, -1)
+    torch.testing.assert_close(reward(flicker).scores, (f[:, 1:] * f[:, :-1]).sum(-1).mean(1))
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+def test_oracle_on_rendered_images_and_videos():
+    from visalign.toyworld import render_images, render_videos
+
+    captions = ["a red circle", "a blue square on the left", "a green triangle on the top"]
+    images, _ = render_images(captions, seed=0)
+    oracle = build_reward("oracle")
+    out = oracle(images, captions)
+    assert out.scores.tolist() == [1.0, 1.0, 1.0] and out.valid.all()
+    assert torch.isnan(out.components["position_ok"][0]) and out.components["position_ok"][1] == 1.0
+
+    wrong = ["a red square", "a blue square on the right", "hello world"]
+    out = oracle(images, wrong)
+    assert out.scores.tolist() == [0.0, 0.0, 0.0] and out.valid.tolist() == [True, True, False]
+    partial = build_reward("oracle(score=partial)")(images, wrong)
+    assert partial.scores.tolist() == [0.5, pytest.approx(2 / 3), 0.0]
+
+    vcaps = ["a red circle moving left", "a cyan triangle moving down"]
+    videos, _ = render_videos(vcaps, seed=0)
+    out = oracle(videos, vcaps)
+    assert out.scores.tolist() == [1.0, 1.0] and set(out.components) >= {"direction_ok", "consistent"}
+    assert oracle(videos, ["a red circle moving right", "a cyan triangle moving down"]).scores.tolist() == [0.0, 1.0]
