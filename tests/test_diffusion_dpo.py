@@ -161,3 +161,13 @@ def test_paper_presets():
     sd15, sdxl = sd15_pickapic(), sdxl_pickapic()
     assert sd15.beta == sdxl.beta == 5000.0 and sd15.max_steps == 2000 and sdxl.max_steps == 200
     assert sd15.batch_size * sd15.gradient_accumulation_steps * 16 == 2048
+
+
+def test_periodic_evaluation_with_the_oracle(tiny_pipeline_dir, pair_data, tmp_path):
+    cfg = make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), max_steps=2, eval_every=1,
+                      eval_prompts="a red circle on the left", eval_samples=2, eval_steps=2, oracle=True)
+    results = Trainer(DiffusionDPO(cfg)).train()
+    assert "oracle/all/object_rate" in results
+    for step in (1, 2):
+        assert (tmp_path / "run" / "eval" / f"step-{step:06d}" / "samples.png").exists()
+    assert "oracle/all/object_rate" in (tmp_path / "run" / "final" / "README.md").read_text()

@@ -70,6 +70,7 @@ class DiffusionDPOConfig(TrainConfig):
     eval_steps: int = field(20, help="sampling steps at evaluation")
     eval_guidance: float | None = field(None, help="guidance at evaluation (default: the family's)")
     oracle: bool = field(False, help="score evaluation samples with the shapes-world oracle")
+    eval_reward: str | None = field(None, help="reward spec scored on evaluation samples (a gold metric to watch)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -248,10 +249,26 @@ class DiffusionDPO:
                 oracle=cfg.oracle,
                 resolution=cfg.resolution,
                 num_frames=cfg.num_frames,
+                scorers=self.eval_scorers(),
             )
         finally:
             if cfg.full_finetune:
                 self.model.denoiser.train()
+
+    def eval_scorers(self) -> dict:
+        """The evaluation reward (``eval_reward``) as ``{spec: fn(media, prompts) -> [N]}``, built once."""
+        if not self.config.eval_reward:
+            return {}
+        if getattr(self, "_eval_reward", None) is None:
+            from reward_models import build_reward
+
+            self._eval_reward = build_reward(self.config.eval_reward, device=self.model.device)
+
+        def score(media, prompts):
+            with torch.no_grad():
+                return self._eval_reward(media.to(self.model.device), prompts).scores.cpu()
+
+        return {self.config.eval_reward: score}
 
     def export(self, out_dir: Path, results: dict[str, float]) -> None:
         cfg = self.config

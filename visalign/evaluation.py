@@ -127,8 +127,10 @@ def evaluate_samples(
     resolution: int | None = None,
     num_frames: int | None = None,
     batch_size: int = 8,
+    scorers: dict | None = None,
 ) -> dict[str, float]:
-    """Sample ``n`` outputs for the prompts (cycled) with seeds ``seed + i``; save a grid; oracle figures if asked.
+    """Sample ``n`` outputs for the prompts (cycled) with seeds ``seed + i``; save a grid; oracle figures if asked;
+    mean scores of ``scorers`` (name -> ``fn(media, prompts) -> [N]``) as ``reward/<name>``.
 
     Writes ``out_dir/samples.png`` (images; videos: their first frames) and ``out_dir/report.json``.
     """
@@ -154,6 +156,8 @@ def evaluate_samples(
     frames = media[:, 0] if media.ndim == 5 else media
     save_image(image_grid(frames, nrow=min(8, len(frames))), out / "samples.png")
     results = oracle_metrics(media, texts) if oracle else {}
+    for name, fn in (scorers or {}).items():
+        results[f"reward/{name}"] = float(torch.as_tensor(fn(media, texts)).float().mean())
     (out / "report.json").write_text(json.dumps({"prompts": texts, "seeds": seeds, "results": results}, indent=2))
     return results
 
