@@ -35,12 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from bench_losses import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from trainers.llm_preference import (  # noqa: E402
-    CompletionTokenizer,
-    LLMPreferenceConfig,
-    LLMPreferenceTask,
-    sequence_logps,
-)
+from trainers.llm_preference import LLMPreferenceConfig, LLMPreferenceTask  # noqa: E402
+from visalign.text import CompletionTokenizer, sequence_logps  # noqa: E402
 
 
 def build(args, root: Path):

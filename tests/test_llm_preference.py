@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from trainers.base import Trainer
-from trainers.llm_preference import LLMPreferenceConfig, LLMPreferenceTask, sequence_logps
+from trainers.llm_preference import LLMPreferenceConfig, LLMPreferenceTask
 from visalign import losses
 from visalign.errors import ConfigError, VisalignError
+from visalign.text import sequence_logps
 
 LOWER = list("abcdefgh")
 UPPER = [c.upper() for c in LOWER]

@@ -52,7 +52,7 @@ class PreferencePair:
 
 
 # ----------------------------------------------------------------------------------------------- reading rows
-def _rows(source) -> tuple[list[dict], str, Path | None]:
+def read_rows(source) -> tuple[list[dict], str, Path | None]:
     """Rows as dicts, a name for messages, and the folder that relative media paths start from."""
     import datasets
 
@@ -80,7 +80,7 @@ def _rows(source) -> tuple[list[dict], str, Path | None]:
             return list(datasets.load_from_disk(str(path))), str(path), path
         for name in ("pairs.jsonl", "data.jsonl", "train.jsonl"):
             if (path / name).exists():
-                return _rows(path / name)
+                return read_rows(path / name)
         raise DataError(f"{path}: no pairs.jsonl, data.jsonl or saved dataset in this folder")
     try:
         return list(datasets.load_dataset(str(source), split="train")), str(source), None
@@ -278,7 +278,7 @@ def load_preference_data(
     limit: int | None = None,
 ) -> PreferenceDataset:
     """Read and validate preference pairs from any supported source (see the module docstring)."""
-    rows, name, root = _rows(source)
+    rows, name, root = read_rows(source)
     pairs = rows_to_pairs(rows[:limit] if limit else rows, name, root, drop_ties=drop_ties, soft_labels=soft_labels)
     return PreferenceDataset(pairs, resolution=resolution, num_frames=num_frames, name=name)
 
