@@ -67,5 +67,26 @@ BUILTIN_SPECS: dict[str, RewardSpec] = {
             nominal_range=(0.0, 1.0),
             description="shapes-world oracle: strict (or partial) caption match; evaluation only",
         ),
+        RewardSpec(
+            "vlm-judge",
+            nominal_range=(0.0, 1.0),
+            description="Qwen2(.5)-VL judge from token probabilities: P('Yes') (VQAScore) or expected rating; "
+            ".compare() judges pairs in both orders",
+        ),
+        RewardSpec(
+            "openai-judge",
+            differentiable=False,
+            nominal_range=(0.0, 1.0),
+            description="the same judge over an OpenAI-compatible chat-completions endpoint (logprobs or parsed "
+            "answers; valid=False when unparsable)",
+        ),
+        RewardSpec(
+            "remote",
+            modalities=("image", "video"),
+            needs_prompt=False,
+            differentiable=False,
+            description="a reward served by `visalign serve-reward` over HTTP: remote:http://127.0.0.1:PORT "
+            "(its spec is fetched from /spec)",
+        ),
     ]
 }

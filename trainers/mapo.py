@@ -25,7 +25,9 @@ class MaPOConfig(DiffusionDPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss != "mapo":
-            raise ConfigError(f"train mapo uses the 'mapo' loss, got {self.loss!r}; use train diffusion-dpo for others")
+            raise ConfigError(
+                f"train mapo uses the 'mapo' loss, got {self.loss!r}; use train diffusion-dpo for others"
+            )
 
 
 class MaPO(DiffusionDPO):
