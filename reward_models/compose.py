@@ -23,10 +23,14 @@ NORMALIZATIONS = ("none", "normalise-then-sum", "sum-then-normalise")
 _ALIASES = {"normalize-then-sum": "normalise-then-sum", "sum-then-normalize": "sum-then-normalise"}
 
 
-def zscore(x: torch.Tensor, mean: float | torch.Tensor | None, std: float | torch.Tensor | None, eps: float):
-    """``(x - mean) / (std + eps)``; ``mean``/``std`` ``None`` use the batch's (population std)."""
+def zscore(x: torch.Tensor, mean: float | torch.Tensor | None, std: float | torch.Tensor | None, eps: float,
+           valid: torch.Tensor | None = None):
+    """``(x - mean) / (std + eps)``; ``mean``/``std`` ``None`` use the batch's (population std) over the ``valid``
+    samples only, so one unscorable sample (NaN) does not spoil the others."""
     if mean is None or std is None:
-        mean, std = x.mean(), x.std(correction=0) if x.numel() > 1 else torch.zeros((), device=x.device)
+        ref = x if valid is None else x[valid]
+        mean = ref.mean() if ref.numel() else torch.zeros((), device=x.device)
+        std = ref.std(correction=0) if ref.numel() > 1 else torch.zeros((), device=x.device)
     return (x - mean) / (std + eps)
 
 
@@ -157,17 +161,18 @@ class Composite(Reward):
         prompts = check_prompts(prompts, media.shape[0], self.spec)
         components, valid = {}, None
         total = 0.0
-        for name, weight, reward in zip(self.names, self.weights, self.members):
-            out = reward(media, prompts)
-            components[name] = out.scores
+        outputs = [reward(media, prompts) for reward in self.members]
+        for out in outputs:
             valid = out.valid if valid is None else valid & out.valid
+        for name, weight, out in zip(self.names, self.weights, outputs):
+            components[name] = out.scores
             value = out.scores
             if self.normalize == "normalise-then-sum":
                 mean, std = self.stats.get(name, (None, None))
-                value = zscore(value, mean, std, self.eps)
+                value = zscore(value, mean, std, self.eps, valid)
             total = total + weight * value
         if self.normalize == "sum-then-normalise":
             components["sum"] = total
             mean, std = self.stats.get("sum", (None, None))
-            total = zscore(total, mean, std, self.eps)
+            total = zscore(total, mean, std, self.eps, valid)
         return RewardOutput(total, components, valid)

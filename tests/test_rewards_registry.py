@@ -291,3 +291,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="cannot read aesthetic MLP"):
         build_reward(f"aesthetic(checkpoint={bad})")
+
+
+def test_batch_normalisation_ignores_invalid_members():
+    from reward_models.compose import zscore
+
+    x = torch.tensor([1.0, 3.0, float("nan")])
+    out = zscore(x, None, None, 0.0, torch.tensor([True, True, False]))
+    assert out[:2].tolist() == [-1.0, 1.0] and torch.isnan(out[2])
