@@ -21,6 +21,7 @@ from typing import Literal
 
 from visalign.config import field, save_config
 from visalign.errors import ConfigError, VisalignError
+from visalign.evaluation import is_prompt_file, read_prompt_rows, read_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
@@ -78,21 +79,11 @@ def read_prompts_for(files: list[Path], spec: str | None, needs_prompt: bool) ->
             return None
     path = Path(spec)
     if not path.is_file():
-        if path.suffix.lower() in (".txt", ".jsonl", ".json") or os.sep in spec:
+        if is_prompt_file(spec):
             raise ConfigError(f"prompt file not found: {spec}")
         return [spec] * len(files)
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}:{i}: each row needs a string field 'prompt'")
-            rows.append(row)
+        rows = read_prompt_rows(path)
         if rows and all("file" in r for r in rows):
             by_file = {Path(str(r["file"])).name: r["prompt"] for r in rows}
             missing = [f.name for f in files if f.name not in by_file]
@@ -101,7 +92,7 @@ def read_prompts_for(files: list[Path], spec: str | None, needs_prompt: bool) ->
             return [by_file[f.name] for f in files]
         prompts = [r["prompt"] for r in rows]
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = read_prompts(path)
     if len(prompts) != len(files):
         raise ConfigError(f"{path} holds {len(prompts)} prompts for {len(files)} media files; they must match")
     return prompts

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from visalign.config import resolve_dtype as config_resolve_dtype
 from visalign.errors import VisalignError
 
 MODALITIES = ("image", "video")
@@ -313,25 +314,9 @@ class TextEmbeddingCache:
         return out
 
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"`` / ``torch.bfloat16`` / ``None`` to a torch dtype (or ``None``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise RewardSpecError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return config_resolve_dtype(dtype, RewardSpecError)
 
 
 def place(reward: Reward, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Reward:

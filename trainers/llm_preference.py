@@ -36,7 +36,7 @@ import torch
 
 from trainers.base import TrainConfig, write_model_card
 from visalign import losses
-from visalign.config import field
+from visalign.config import field, resolve_dtype
 from visalign.data import DataError, read_rows
 from visalign.errors import ConfigError
 from visalign.text import CompletionTokenizer, pad_sequences, sequence_logps
@@ -45,7 +45,6 @@ LAYOUTS = {"pairwise": "pair", "reference_free": "pair", "sft": "pair", "unpaire
 # Tensor inputs that only exist with a reference model.
 REFERENCE_INPUTS = {"chosen_logratios", "rejected_logratios", "ref_chosen_logps", "ref_rejected_logps", "logratios",
                     "kl_logratios"}  # fmt: skip
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -137,7 +136,7 @@ class LLMPreferenceTask:
             if self.tokenizer.eos_token is None:
                 raise ConfigError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token; set one")
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is masked out; any id will do (TRL)
-        base = model if model is not None else _load(AutoModelForCausalLM, cfg.model, dtype=DTYPES[cfg.dtype])
+        base = model if model is not None else _load(AutoModelForCausalLM, cfg.model, dtype=resolve_dtype(cfg.dtype))
         if cfg.disable_dropout:
             for module in base.modules():
                 if isinstance(module, torch.nn.Dropout):

@@ -86,3 +86,21 @@ def save_config(config: Any, directory: str | os.PathLike, name: str = "config.y
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
     os.replace(tmp, target)
     return target
+
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}  # fmt: skip
+
+
+def resolve_dtype(dtype, error: type[Exception] = ConfigError):
+    """``"bf16"`` / ``"float32"`` / a ``torch.dtype`` / ``None`` -> the ``torch.dtype`` (``None`` stays ``None``).
+
+    Raises ``error`` (a :class:`ConfigError` by default) naming the accepted spellings.
+    """
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise error(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[dtype])

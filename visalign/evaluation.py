@@ -18,29 +18,41 @@ from .errors import ConfigError
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
+def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``.jsonl`` prompt file, each a dict with a string ``prompt`` (other fields kept)."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path}:{i}: each row needs a string field 'prompt'")
+        rows.append(row)
+    return rows
+
+
+def is_prompt_file(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a prompt file (it exists, or looks like a path) rather than a literal prompt."""
+    path = Path(spec)
+    return path.is_file() or path.suffix.lower() in PROMPT_FILE_SUFFIXES or os.sep in str(spec)
+
+
 def read_prompts(spec: str | os.PathLike) -> list[str]:
     """A prompt file (``.txt`` lines or ``.jsonl`` rows with ``prompt``) or a single literal prompt."""
     spec = str(spec)
     path = Path(spec)
-    looks_like_file = path.suffix.lower() in PROMPT_FILE_SUFFIXES or os.sep in spec
     if not path.is_file():
-        if looks_like_file:
+        if is_prompt_file(spec):
             raise ConfigError(f"prompt file not found: {spec} (pass an existing .txt/.jsonl file or a prompt text)")
         if not spec.strip():
             raise ConfigError("the prompt is empty: pass a prompt text or a prompt file")
         return [spec]
-    prompts = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}:{i}: each row needs a string field 'prompt'")
-            prompts.append(row["prompt"])
+        prompts = [row["prompt"] for row in read_prompt_rows(path)]
     else:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:

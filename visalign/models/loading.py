@@ -8,24 +8,12 @@ from pathlib import Path
 
 import torch
 
+from .. import config
 from .base import FAMILIES, DiffusionModel, ModelError
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
-    return DTYPES[dtype]
+    return config.resolve_dtype(dtype, ModelError)
 
 
 def read_model_index(name_or_path: str | os.PathLike, revision: str | None = None) -> dict:
