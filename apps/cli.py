@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("apps.evaluate", "compare a base model and its adapters: rewards, oracle, win rates, drift, grid"),
     "train": ("apps.train", "train: diffusion-dpo, mapo, llm-dpo (visalign train --help lists them)"),
     "score": ("apps.score", "score images or videos with a reward: JSONL, CSV summary, histogram"),
+    "compare": ("apps.compare", "Gradio app: base vs adapters side by side, reward scores, votes as preference data"),
     "serve-reward": ("apps.serve_reward", "serve any registered reward over HTTP on loopback (for remote:URL)"),
 }
 

@@ -89,3 +89,9 @@ def test_unknown_attention_backend(tiny_pipeline_dir):
 def test_unknown_dtype(tiny_pipeline_dir):
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         load_model(tiny_pipeline_dir("sd"), dtype="fp8")
+
+
+def test_set_adapters_none_without_any_adapter_is_the_base(tiny_pipeline_dir):
+    model = load_model(tiny_pipeline_dir("sd"))
+    model.set_adapters(None)
+    assert model.adapter_names == []

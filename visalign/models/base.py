@@ -32,7 +32,9 @@ from ..diffusion import per_sample_mse
 from ..errors import VisalignError
 
 if TYPE_CHECKING:
-    from ..sde import Sampler
+    from collections.abc import Sequence
+
+    from ..sde import Sampler, StepOutput
 
 Cond = dict[str, torch.Tensor]
 
@@ -237,7 +239,7 @@ class DiffusionModel:
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        sde: Sampler | None = None,
+        sde: Sampler | Sequence[Sampler] | None = None,
         latents: torch.Tensor | None = None,
         cond: Cond | None = None,
         uncond: Cond | None = None,
@@ -248,6 +250,9 @@ class DiffusionModel:
         grad: bool = False,
     ) -> SampleOutput:
         """Generate from ``prompts``; with ``sde`` the sampler is stochastic and log-probs are returned.
+
+        ``sde`` is one sampler for every step or a sequence of one per step (an SDE window: noise-free samplers
+        outside it, whose steps are deterministic with log-prob 0); each step is :meth:`sde_step`.
 
         ``latents`` are unit-Gaussian initial noise (as :meth:`prepare_latents` draws it); they are scaled to
         the scheduler's first step here, as the Diffusers pipelines scale given latents.
@@ -311,20 +316,18 @@ class DiffusionModel:
         scheduler = self.inference_scheduler(steps, latents, sde)
         latents = self.scale_initial_noise(scheduler, latents)
         timesteps = scheduler.timesteps
-        if sde is not None and sde.kind != self.sde_kind:
-            raise ModelError(
-                f"sampler {sde.name!r} is for {sde.kind} models but {self.family} needs a {self.sde_kind} sampler"
-            )
+        samplers = self._per_step_samplers(sde, len(timesteps))
         traj, logps, means, stds = [latents], [], [], []
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             if step_callback is not None:
                 step_callback(self, i, t)
-            t_batch = t.expand(latents.shape[0]).to(self.device)
-            out = self.guided_predict(self.scale_model_input(scheduler, latents, t), t_batch, cond, uncond, guidance)
             if sde is None:
+                t_batch = t.expand(latents.shape[0]).to(self.device)
+                x_in = self.scale_model_input(scheduler, latents, t)
+                out = self.guided_predict(x_in, t_batch, cond, uncond, guidance)
                 latents = self.scheduler_step(scheduler, out, t, latents, generator)
             else:
-                step = sde.step(out, latents, generator=generator, **self.sde_schedule(scheduler, i))
+                step = self.sde_step(scheduler, i, latents, cond, uncond, guidance, samplers[i], generator=generator)
                 latents = step.prev_sample.to(latents.dtype)
                 logps.append(step.log_prob)
                 means.append(step.mean)
@@ -345,6 +348,80 @@ class DiffusionModel:
     @property
     def sde_kind(self) -> str:
         return "flow" if self.is_flow else "ddim"
+
+    def _per_step_samplers(self, sde: Sampler | Sequence[Sampler] | None, steps: int) -> list[Sampler | None]:
+        """``sde`` as one sampler per step (a sequence mixes samplers, e.g. an SDE window with noise-free steps)."""
+        if sde is None:
+            return [None] * steps
+        samplers = list(sde) if isinstance(sde, (list, tuple)) else [sde] * steps
+        if len(samplers) != steps:
+            raise ModelError(f"got {len(samplers)} per-step samplers for {steps} sampling steps; pass one per step")
+        for s in samplers:
+            if s.kind != self.sde_kind:
+                raise ModelError(
+                    f"sampler {s.name!r} is for {s.kind} models but {self.family} needs a {self.sde_kind} sampler"
+                )
+        return samplers
+
+    def sde_step(
+        self,
+        scheduler,
+        index: int | torch.Tensor,
+        latents: torch.Tensor,
+        cond: Cond,
+        uncond: Cond | None,
+        guidance: float,
+        sde: Sampler,
+        *,
+        generator: torch.Generator | None = None,
+        prev_sample: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One stochastic transition from ``latents`` at step ``index`` of ``scheduler``'s grid, with its log-prob.
+
+        The one step shared by :meth:`sample` (rollouts) and by online RL training (GRPO recomputes the log-prob
+        of a stored transition by passing ``prev_sample``), so both use the same timestep grid, input scaling,
+        classifier-free guidance and schedule values.
+
+        Args:
+            scheduler: from :meth:`inference_scheduler` (called with the same ``steps``, latent shape and ``sde``).
+            index: the step, an ``int`` or a per-sample ``[B]`` integer tensor (samples at different steps).
+            latents: ``[B, ...]`` the samples before the step.
+            cond, uncond, guidance: as :meth:`guided_predict`.
+            sde: the sampler of :mod:`visalign.sde`.
+            generator: draws the step's noise (unused when ``prev_sample`` is given).
+            prev_sample: ``[B, ...]`` a stored next sample to score instead of sampling one.
+
+        Returns:
+            :class:`~visalign.sde.StepOutput`; ``prev_sample`` is the sample in ``latents``' dtype (as the
+            trajectory keeps it) and ``log_prob`` is the log-density of exactly that sample.
+        """
+        batch = latents.shape[0]
+        if isinstance(index, torch.Tensor):
+            if index.shape != (batch,):
+                raise ModelError(f"per-sample step indices must have shape [{batch}], got {tuple(index.shape)}")
+            if bool((index == index[0]).all()):
+                index = int(index[0])
+        if isinstance(index, int):
+            t = scheduler.timesteps[index]
+            t_batch = t.expand(batch).to(self.device)
+            x_in = self.scale_model_input(scheduler, latents, t)
+            schedule = self.sde_schedule(scheduler, index)
+        else:
+            steps = index.tolist()
+            t_batch = scheduler.timesteps[index.to(scheduler.timesteps.device)].to(self.device)
+            x_in = torch.empty_like(latents)
+            for i in sorted(set(steps)):  # input scaling may depend on the step: one call per step present
+                rows = index.to(latents.device) == i
+                x_in[rows] = self.scale_model_input(scheduler, latents[rows], scheduler.timesteps[i])
+            schedule = _stack_schedules([self.sde_schedule(scheduler, i) for i in steps])
+        out = self.guided_predict(x_in, t_batch, cond, uncond, guidance)
+        step = sde.step(out, latents, generator=generator, prev_sample=prev_sample, **schedule)
+        if prev_sample is None and latents.dtype != torch.float32:
+            # the trajectory keeps the sample in the model's dtype: score that rounded sample, so the rollout's
+            # log-prob is the one that training recomputes from the stored trajectory (no model call)
+            kept = step.prev_sample.to(latents.dtype)
+            step = sde.step(out, latents, prev_sample=kept, **schedule)
+        return step
 
     # ----------------------------------------------------------------- LoRA
     def add_lora(
@@ -384,7 +461,8 @@ class DiffusionModel:
     def set_adapters(self, names: str | list[str] | None, weights: float | list[float] | None = None) -> None:
         """Activate the named adapter(s); ``None`` disables every adapter (the base model)."""
         if names is None:
-            self.denoiser.disable_adapters()
+            if self.adapter_names:  # a model without adapters already is the base
+                self.denoiser.disable_adapters()
             return
         self.denoiser.enable_adapters()
         self.denoiser.set_adapters(names, weights)
@@ -513,6 +591,20 @@ class DiffusionModel:
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.denoiser.parameters())
         return f"{type(self).__name__}(family={self.family}, source={self.source}, denoiser={n / 1e6:.1f}M params)"
+
+
+def _stack_schedules(schedules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-step schedule dicts of :meth:`DiffusionModel.sde_schedule` as one dict of per-sample ``[B]`` values."""
+    out: dict[str, Any] = {}
+    for key, first in schedules[0].items():
+        values = [s[key] for s in schedules]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.stack([torch.as_tensor(v).reshape(()) for v in values])
+        elif any(v != first for v in values):
+            raise ModelError(f"schedule value {key!r} differs between steps ({sorted(set(map(str, values)))})")
+        else:
+            out[key] = first
+    return out
 
 
 FAMILIES: dict[str, type[DiffusionModel]] = {}
