@@ -2,10 +2,17 @@
 
 Reports reward scores, shapes-world oracle figures, win rates against the base, drift (saturation, brightness,
 colour entropy), diversity and a pixel-space FD to the base; saves ``report.json`` and a side-by-side ``grid.png``.
+
+``--experts MANIFEST`` adds timestep-segment experts switched per step as the variant ``experts``;
+``--experts_alone`` adds one variant per expert active in its own interval only (``experts[NAME]``);
+``--skip_stride K`` adds ``experts-skipK`` and ``base-skipK`` (early steps thinned, see ``visalign generate``).
+Every variant reports its function evaluations per sample (``nfe``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +26,10 @@ class EvaluateConfig:
     prompts: str = field(help="prompt text or file (.txt / .jsonl)")
     out: str = field(help="output folder for report.json and grid.png")
     lora: list[str] = field([], help="LoRA folders to compare with the base (repeat the flag or space-separate)")
+    experts: str | None = field(None, help="timestep-segment experts.json (or folder): variant 'experts'")
+    experts_alone: bool = field(False, help="with --experts: also each expert alone in its interval")
+    skip_stride: int = field(1, help="with --experts: also variants that keep every K-th step above --skip_above")
+    skip_above: float | None = field(None, help="timestep where skipping starts (default: top of the lowest interval)")
     reward: str | None = field(None, help="reward spec, e.g. 'clip(model=assets/toyworld/toy-clip)'")
     oracle: bool = field(False, help="add shapes-world oracle figures (shapes-world captions only)")
     n: int = field(64, help="samples per variant (prompts are cycled)")
@@ -35,8 +46,12 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
-        if not self.reward and not self.oracle and not self.lora:
-            raise ConfigError("nothing to measure: pass --reward SPEC, --oracle, or --lora to compare")
+        if not self.reward and not self.oracle and not self.lora and not self.experts:
+            raise ConfigError("nothing to measure: pass --reward SPEC, --oracle, --lora or --experts to compare")
+        if self.skip_stride < 1:
+            raise ConfigError(f"skip_stride must be >= 1, got {self.skip_stride}")
+        if (self.experts_alone or self.skip_stride > 1 or self.skip_above is not None) and not self.experts:
+            raise ConfigError("--experts_alone, --skip_stride and --skip_above need --experts")
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -55,6 +70,9 @@ def run(cfg: EvaluateConfig) -> dict:
         name = Path(path).name if Path(path).name not in variants else f"{Path(path).name}-{i}"
         model.load_lora(path, adapter_name=f"variant{i}")
         variants[name] = f"variant{i}"
+    if cfg.experts:
+        model, expert_variants = experts_view(model, cfg)
+        variants.update(expert_variants)
     scorers = {}
     if cfg.reward:
         from reward_models import build_reward
@@ -87,23 +105,51 @@ def run(cfg: EvaluateConfig) -> dict:
         num_frames=cfg.num_frames,
         batch_size=cfg.batch_size,
     )
+    if cfg.experts:  # function evaluations per sample of each variant, as it sampled
+        from visalign.experts import function_evaluations
+
+        for name, adapter in variants.items():
+            steps = model.steps_taken.get(adapter, cfg.steps or model.default_steps)
+            report["variants"][name]["nfe"] = float(function_evaluations(steps, model, cfg.guidance))
+        tmp = Path(cfg.out) / ".report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, Path(cfg.out) / "report.json")
     keys = [
         k
         for k in (
             "oracle/held_in/strict_acc",
             "oracle/held_out/strict_acc",
             "oracle/all/object_rate",
+            "oracle/all/color_acc",
+            "oracle/all/position_acc",
             f"reward/{cfg.reward}",
             f"win_rate/{cfg.reward}",
             "win_rate/oracle_strict",
             "saturation",
             "diversity",
+            "nfe",
         )
         if any(k in row for row in report["variants"].values())
     ]
     print(format_table(report, keys))
     print(f"report: {Path(cfg.out) / 'report.json'}  grid: {Path(cfg.out) / 'grid.png'}")
     return report
+
+
+def experts_view(model, cfg: EvaluateConfig):
+    """Load the experts and wrap ``model`` in an :class:`~visalign.experts.ExpertsView` with one plan per variant."""
+    from visalign.experts import ExpertsView, SwitchPlan, load_experts
+
+    manifest = load_experts(model, cfg.experts)
+    plans = {"experts": SwitchPlan()}
+    if cfg.experts_alone:
+        plans.update({f"experts[{name}]": SwitchPlan(enabled=frozenset([name])) for name in manifest.names})
+    if cfg.skip_stride > 1:
+        skip = {"stride": cfg.skip_stride, "skip_above": cfg.skip_above}
+        plans[f"experts-skip{cfg.skip_stride}"] = SwitchPlan(**skip)
+        plans[f"base-skip{cfg.skip_stride}"] = SwitchPlan(enabled=frozenset(), **skip)
+    view = ExpertsView(model, manifest, plans)
+    return view, {name: name for name in plans}
 
 
 def main(argv: list[str]) -> None:

@@ -2,6 +2,9 @@
 
 Every sample has its own seed (``seed + index``), so any single output can be regenerated alone, whatever the
 batch size. Outputs: ``OUT/00000.png`` (or ``.mp4``/``.gif``), ``OUT/metadata.jsonl``, ``OUT/config.yaml``.
+With ``--experts MANIFEST`` (timestep-segment experts) the expert of each step's interval is switched on before
+the step; ``--skip_stride K`` thins the steps above the lowest expert's interval (or ``--skip_above T``) to every
+K-th one, and the metadata records the function evaluations per sample (``nfe``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class GenerateConfig:
     prompts: str = field(help="a prompt, or a file: .txt (one per line) or .jsonl (a 'prompt' field per row)")
     out: str = field(help="output folder")
     lora: str | None = field(None, help="LoRA folder or .safetensors (Diffusers format) to apply")
+    experts: str | None = field(None, help="timestep-segment experts: experts.json (or its folder), switched per step")
+    skip_stride: int = field(1, help="with --experts: keep every K-th step above --skip_above (1: no skipping)")
+    skip_above: float | None = field(None, help="timestep where skipping starts (default: top of the lowest interval)")
     seed: int = field(0, help="seed of the first sample; sample i uses seed + i")
     num_per_prompt: int = field(1, help="samples per prompt")
     steps: int | None = field(None, help="sampling steps (default: the family's)")
@@ -45,6 +51,12 @@ class GenerateConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.lora and self.experts:
+            raise ConfigError("pass --lora or --experts, not both")
+        if self.skip_stride < 1:
+            raise ConfigError(f"skip_stride must be >= 1, got {self.skip_stride}")
+        if (self.skip_stride > 1 or self.skip_above is not None) and not self.experts:
+            raise ConfigError("--skip_stride / --skip_above skip early steps of the experts' path: pass --experts")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
@@ -72,6 +84,11 @@ def run(cfg: GenerateConfig) -> Path:
     model = load_model(cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype, attention=cfg.attention)
     if cfg.lora:
         model.load_lora(cfg.lora)
+    if cfg.experts:
+        from visalign.experts import ExpertsView, SwitchPlan, load_experts
+
+        plan = SwitchPlan(stride=cfg.skip_stride, skip_above=cfg.skip_above)
+        model = ExpertsView(model, load_experts(model, cfg.experts), {"experts": plan})
     expanded = [p for p in prompts for _ in range(cfg.num_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(expanded))]
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +119,11 @@ def run(cfg: GenerateConfig) -> Path:
                 "seed": seeds[i],
                 "model": cfg.model,
                 "lora": cfg.lora,
+                **(
+                    {"experts": cfg.experts, "skip_stride": cfg.skip_stride, "nfe": nfe(model, cfg)}
+                    if cfg.experts
+                    else {}
+                ),
                 "steps": cfg.steps or model.default_steps,
                 "guidance": model.default_guidance if cfg.guidance is None else cfg.guidance,
                 "negative_prompt": cfg.negative_prompt,
@@ -112,7 +134,18 @@ def run(cfg: GenerateConfig) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / "metadata.jsonl")
     print(f"wrote {len(rows)} {'videos' if model.is_video else 'images'} and metadata.jsonl to {out}")
+    if cfg.experts and rows:
+        steps = cfg.steps or model.default_steps
+        print(f"experts: {rows[-1]['nfe']} function evaluations per sample ({model.steps_taken['experts']} of "
+              f"{steps} steps)")  # fmt: skip
     return out
+
+
+def nfe(view, cfg: GenerateConfig) -> int:
+    """Denoiser evaluations per sample of the last batch an :class:`~visalign.experts.ExpertsView` sampled."""
+    from visalign.experts import function_evaluations
+
+    return function_evaluations(view.steps_taken["experts"], view, cfg.guidance)
 
 
 def main(argv: list[str]) -> None:

@@ -20,6 +20,7 @@ class Algorithm(NamedTuple):
     config: str  # its config dataclass (extends trainers.base.TrainConfig)
     task: str  # its task class: task(config) implements trainers.base.Task
     help: str  # one line for `visalign train --help`
+    own_loop: bool = False  # the task runs the shared loop itself (several runs): task(config).train()
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -29,7 +30,26 @@ ALGORITHMS: dict[str, Algorithm] = {
         "DiffusionDPO",
         "Diffusion-DPO / Flow-DPO on any family, LoRA or full (--loss: any pairwise loss of visalign.losses)",
     ),
+    "timestep-segment": Algorithm(
+        "trainers.timestep_segment",
+        "TimestepSegmentConfig",
+        "TimestepSegment",
+        "timestep-segment experts (AlignHuman): one DPO LoRA per timestep interval, each on its own data",
+        own_loop=True,
+    ),
     "mapo": Algorithm("trainers.mapo", "MaPOConfig", "MaPO", "MaPO: margin-aware, reference-free preference training"),
+    "grpo": Algorithm(
+        "trainers.grpo",
+        "GRPOConfig",
+        "GRPO",
+        "online RL with any reward: Flow-GRPO / DanceGRPO / SDE-window GRPO on flow models, DDIM-eta GRPO on UNets",
+    ),
+    "drl": Algorithm(
+        "trainers.drl",
+        "DRLConfig",
+        "DRL",
+        "discriminator-guided RL: GRPO toward real data with a real-vs-base discriminator's logit as the reward",
+    ),
     "llm-dpo": Algorithm(
         "trainers.llm_preference",
         "LLMPreferenceConfig",
@@ -69,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(config_cls, rest, prog=f"visalign train {name}", description=ALGORITHMS[name].help)
     from trainers.base import Trainer
 
-    results = Trainer(task_cls(config)).train()
+    task = task_cls(config)
+    results = task.train() if ALGORITHMS[name].own_loop else Trainer(task).train()
     print(f"visalign train {name}: done; checkpoints and logs in {config.output_dir}, export in "
           f"{config.output_dir}/final")  # fmt: skip
     for key, value in results.items():

@@ -37,7 +37,8 @@ def test_single_file_is_explained(tmp_path):
 
 def test_unsupported_pipeline_family(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
-    with pytest.raises(ModelError, match=r"unsupported pipeline family 'KandinskyPipeline'.*supported: .*sd \(StableDiffusionPipeline\)"):
+    expected = r"unsupported pipeline family 'KandinskyPipeline'.*supported: .*sd \(StableDiffusionPipeline\)"
+    with pytest.raises(ModelError, match=expected):
         load_model(tmp_path)
 
 

@@ -14,6 +14,8 @@ Departures from a stock ``Accelerator.prepare`` loop, and why:
 * Data order is a pure function of ``(seed, epoch, position)``, so resuming skips to the exact batch without
   reading the skipped ones.
 * A non-finite loss stops the run naming the step and batch; the last good checkpoint is left intact.
+* Online tasks (GRPO) train several micro-batches on one rollout: while ``task.wants_data()`` is false the loop
+  calls ``loss(None)`` without drawing prompts, and ``on_step_end`` returning ``True`` stops the run early.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ class TrainConfig:
 
 class Task(Protocol):
     """What an algorithm gives the loop. Optional hooks: ``evaluate(step, out_dir) -> dict``,
-    ``export(out_dir, results)``, ``on_step_end(step)``."""
+    ``export(out_dir, results)``, ``on_step_end(step) -> bool | None`` (``True`` stops training early: the run
+    still saves, evaluates and exports), ``wants_data() -> bool`` (online tasks: ``False`` while the micro-batches
+    still come from their last rollout; the loop then calls ``loss(None)`` without drawing a dataset batch)."""
 
     config: TrainConfig
 
@@ -311,10 +315,15 @@ class Trainer:
             total=cfg.max_steps, initial=self.step, desc="training", disable=not (cfg.progress and acc.is_main_process)
         )
         results: dict[str, float] = {}
+        wants_data = getattr(self.task, "wants_data", None)
+        epoch, position = self.epoch, self.position
         while self.step < cfg.max_steps:
             sums: dict[str, float] = {}
             for micro in range(cfg.gradient_accumulation_steps):
-                epoch, position, batch = next(batches)
+                if wants_data is None or wants_data():
+                    epoch, position, batch = next(batches)
+                else:  # an online task trains on its last rollout: the data position does not move
+                    batch = None
                 with acc.autocast():
                     loss, metrics = self.task.loss(batch)
                 if not torch.isfinite(loss.detach()).all():
@@ -344,8 +353,9 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self._evaluate()
             hook = getattr(self.task, "on_step_end", None)
-            if hook is not None:
-                hook(self.step)
+            if hook is not None and self._all_agree_to_stop(hook(self.step) is True):
+                acc.print(f"training stopped early at step {self.step} by the task (see its logs)")
+                break
         bar.close()
         self.save_checkpoint()
         results = self._evaluate()
@@ -355,6 +365,14 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return results
+
+    def _all_agree_to_stop(self, stop: bool) -> bool:
+        """Whether any process asked to stop (evaluation, and so a monitor's alarm, runs on the main one only)."""
+        if self.accelerator.num_processes == 1:
+            return stop
+        flag = torch.tensor([float(stop)], device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         if self.accelerator.num_processes == 1:

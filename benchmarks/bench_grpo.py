@@ -1,0 +1,194 @@
+"""GRPO rollout throughput and update time: full SDE (Flow-GRPO) against an SDE window (MixGRPO / Flow-GRPO-Fast).
+
+Both modes sample the same number of steps (rollout cost is the same); the window trains ``--window`` steps per
+sample instead of all but the last, which is where its time goes. Per mode: rollout samples/s, the update time of
+one rollout (all its micro-batches: forward, reference forward for the KL, backward, optimizer steps), and the
+time per optimizer step, on an SD3-architecture pipeline with random weights (text embeddings are cached per
+prompt, so the text encoders are kept small; the transformer and VAE have the chosen preset's sizes).
+
+    python benchmarks/bench_grpo.py                                    # small SD3, 64 px, CPU
+    python benchmarks/bench_grpo.py --preset sd3 --resolution 512 --device cuda --dtype bf16   # SD3-Medium size
+
+Prints a table and writes JSON (``--out``, default benchmarks/results/bench_grpo.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reward_models.base import Reward, RewardSpec  # noqa: E402
+from trainers.grpo import GRPO, GRPOConfig  # noqa: E402
+from visalign.metrics import brightness  # noqa: E402
+
+PRESETS = {
+    # transformer: layers, heads, head dim, joint attention dim, caption projection, pooled dim, sample size
+    "small": dict(layers=4, heads=4, head_dim=32, joint=128, caption=128, pooled=64, sample=32, pos=64,
+                  clip=(32, 32), vae=(32, 64, 64, 64), vae_layers=1),
+    "sd3": dict(layers=24, heads=24, head_dim=64, joint=4096, caption=1536, pooled=2048, sample=128, pos=192,
+                clip=(768, 1280), vae=(128, 256, 512, 512), vae_layers=2),  # SD3-Medium
+}  # fmt: skip
+
+
+class Brightness(Reward):
+    """A free reward, so the timings are the diffusion model's."""
+
+    def __init__(self):
+        super().__init__(RewardSpec("brightness", needs_prompt=False, differentiable=False))
+
+    def score_batch(self, media, prompts):
+        return brightness(media)
+
+
+def build_pipeline(preset: str, seed: int = 0):
+    """A random-weight SD3 pipeline (no T5: zeros in its place, as the pipeline does without it)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from visalign.offline_tokenizers import clip_tokenizer
+
+    p = PRESETS[preset]
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=p["sample"], patch_size=2, in_channels=16, out_channels=16, num_layers=p["layers"],
+        attention_head_dim=p["head_dim"], num_attention_heads=p["heads"], joint_attention_dim=p["joint"],
+        caption_projection_dim=p["caption"], pooled_projection_dim=p["pooled"], pos_embed_max_size=p["pos"],
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=p["vae"],
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=p["vae_layers"], norm_num_groups=32, shift_factor=0.0609, scaling_factor=1.5305,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    tokenizer_2 = clip_tokenizer(pad_token="!")
+
+    def clip(width: int, pad: int):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=max(1, width // 64), projection_dim=width, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=pad,
+        ))  # fmt: skip
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=clip(p["clip"][0], 49407), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip(p["clip"][1], tokenizer_2.pad_token_id), tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
+    from visalign.models import FAMILIES
+
+    model = FAMILIES["sd3"](build_pipeline(args.preset), device=args.device, dtype=getattr(torch, args.dtype))
+    model.source = f"random {args.preset}"
+    selection = {"full SDE": {}, "SDE window": {"timestep_selection": "window", "sde_window": args.window}}[mode]
+    cfg = GRPOConfig(
+        model=model.source, reward="brightness", prompts=prompt_file, output_dir=out_dir, batch_size=args.prompts,
+        group_size=args.group, steps=args.steps, guidance=4.5, resolution=args.resolution, lora_rank=args.rank,
+        lora_alpha=float(args.rank), beta_kl=args.beta_kl, train_batch_size=args.train_batch, report_to="none",
+        progress=False, device=args.device, max_steps=1, **selection,
+    )  # fmt: skip
+    task = GRPO(cfg, model=model, reward=Brightness().to(args.device))
+    opt = torch.optim.AdamW(task.params, lr=1e-5)
+    gas = cfg.gradient_accumulation_steps
+    rollouts, updates, steps = [], [], 0
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(args.warmup + args.repeats):
+        sync(args.device)
+        t0 = time.perf_counter()
+        task.rollout(list(range(args.prompts)))
+        sync(args.device)
+        t1 = time.perf_counter()
+        n = 0
+        while task.queue:
+            loss, _ = task.loss(None)
+            (loss / gas).backward()
+            n += 1
+            if n % gas == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += r >= args.warmup
+        sync(args.device)
+        if r >= args.warmup:
+            rollouts.append(t1 - t0)
+            updates.append(time.perf_counter() - t1)
+    samples = args.prompts * args.group
+    rollout_s, update_s = sorted(rollouts)[len(rollouts) // 2], sorted(updates)[len(updates) // 2]
+    result = {
+        "mode": mode,
+        "trained_steps_per_sample": cfg.trained_steps,
+        "rollout_samples_per_s": samples / rollout_s,
+        "rollout_s": rollout_s,
+        "update_s_per_rollout": update_s,
+        "update_s_per_optimizer_step": update_s / cfg.updates_per_rollout,
+        "total_s_per_rollout": rollout_s + update_s,
+    }
+    if args.device.startswith("cuda"):
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per rollout")
+    p.add_argument("--group", type=int, default=4, help="samples per prompt")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (Flow-GRPO: 10)")
+    p.add_argument("--window", type=int, default=2, help="SDE window size")
+    p.add_argument("--train_batch", type=int, default=0, help="samples per training micro-batch (0: all)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--beta_kl", type=float, default=0.04)
+    p.add_argument("--repeats", type=int, default=3, help="timed rollouts per mode")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="benchmarks/results/bench_grpo.json")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.txt"
+        prompt_file.write_text("\n".join(f"a photo of object {i}" for i in range(args.prompts)) + "\n")
+        for mode in ("full SDE", "SDE window"):
+            result = run_mode(mode, args, str(prompt_file), str(Path(tmp) / mode.replace(" ", "-")))
+            rows.append(result)
+            peak = f"  peak {result['peak_gib']:.1f} GiB" if "peak_gib" in result else ""
+            print(f"{mode:10s}  trains {result['trained_steps_per_sample']} steps/sample  rollout "
+                  f"{result['rollout_samples_per_s']:7.2f} samples/s  update {result['update_s_per_rollout']:7.2f} s"
+                  f" per rollout ({result['update_s_per_optimizer_step']:.2f} s/step)  total "
+                  f"{result['total_s_per_rollout']:7.2f} s{peak}", flush=True)  # fmt: skip
+    full, window = rows
+    saving = 1 - window["total_s_per_rollout"] / full["total_s_per_rollout"]
+    print(f"SDE window: {saving:.0%} less time per rollout (rollout + update)")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    report = {**{k: v for k, v in vars(args).items() if k != "out"}, "device": device, "results": rows,
+              "window_time_saving": saving}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,750 @@
+"""GRPO for diffusion and flow models on every family: Flow-GRPO, DanceGRPO and MixGRPO-style SDE windows.
+
+Each rollout samples ``group_size`` images (or videos) for each of ``batch_size`` prompts with a stochastic sampler
+of :mod:`visalign.sde` (Flow-SDE, Dance-SDE or CPS for SD3/FLUX/Wan; DDIM-eta for SD1.5/SDXL/CogVideoX), keeping
+the latent trajectory and the fp32 log-prob of every step. The reward scores the samples; group-relative
+advantages ``(r - mean_prompt) / (std + 1e-4)`` (clipped to ``+-adv_clip_max``) weight the PPO-clip surrogate on
+``rho = exp(logp - logp_old)`` of the chosen steps, plus ``beta_kl`` times the KL to the reference (the same
+network with the LoRA disabled), ``mean(||mu - mu_ref||^2) / (2 s^2)``:
+
+* Flow-GRPO (Liu et al. 2025, arXiv:2505.05470, Eq. 6-9): Flow-SDE, all steps but the last, batch std.
+* DanceGRPO (Xue et al. 2025, arXiv:2505.07818): Dance-SDE, a random ``timestep_fraction`` of steps per sample.
+* MixGRPO (Li et al. 2025) / Flow-GRPO-Fast: an SDE window of a few steps, noise-free steps elsewhere, and
+  training on the window only (about half the time: fewer trained steps, one window per rollout).
+
+One rollout feeds ``inner_epochs * N / samples_per_update`` optimizer steps of the shared loop; each step
+accumulates one micro-batch per (``train_batch_size`` samples, trained step), so memory holds one forward at a
+time as in flow_grpo (``gradient_accumulation_steps`` is derived, not set). Rollout and training call the same
+one-step function (:meth:`DiffusionModel.sde_step`): same timestep grid, CFG and schedule, fp32 log-probs.
+
+Departures from the reference code, and why:
+
+* LoRA only; the reference is the base with the adapter disabled, never a copy.
+* Samples whose reward is NaN or ``valid=False`` are excluded from advantages and from the update, and counted
+  (``rollout/invalid``); the reference scripts train on them. A reward that fails (a remote one that times out)
+  stops the run naming the step, instead of hanging or training on garbage.
+* Each process rolls out whole groups, so advantages never need a gather; ``advantage_std="batch"`` is then the
+  std over that process's rollout (flow_grpo gathers rewards over all processes first).
+* Evaluation scores the training reward and a gold metric on the same seeded held-out samples and feeds
+  :class:`visalign.monitors.RewardHackingMonitor` (alarm, optional early stop).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.base import TrainConfig, TrainingError, write_model_card
+from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
+from visalign.config import field
+from visalign.errors import ConfigError
+from visalign.models import cat_cond, index_cond
+from visalign.sde import get_sampler, kl_to_reference
+
+TIMESTEP_SELECTIONS = ("all-but-last", "random", "window")
+SAMPLER_NOISE_ARG = {"flow-sde": "noise_level", "cps": "noise_level", "dance-sde": "eta", "ddim": "eta"}
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO options. ``batch_size`` is the number of prompts per process per rollout."""
+
+    model: str | None = field(None, help="base pipeline: hub id or local folder (e.g. assets/toyworld/toy-flow)")
+    reward: str | None = field(None, help="reward spec to maximise, e.g. 'pickscore' or 'pickscore:1,aesthetic:0.1'")
+    prompts: str | None = field(None, help="training prompts: .txt/.jsonl file or one literal prompt")
+    negative_prompt: str | None = field(None, help="negative prompt of classifier-free guidance (default: '')")
+    resolution: int | None = field(None, help="sample height and width (default: the family's)")
+    num_frames: int | None = field(None, help="frames per video (video families)")
+    group_size: int = field(8, help="samples per prompt (G); advantages compare samples of one prompt")
+    steps: int = field(10, help="sampling steps of a rollout")
+    guidance: float | None = field(None, help="CFG scale in rollouts and training alike (default: the family's)")
+    sampler: str = field("auto", help="auto (flow-sde / ddim by family), flow-sde, dance-sde, cps or ddim")
+    noise_level: float | None = field(None, help="sampler noise: a for flow-sde/cps, eta for dance-sde/ddim")
+    same_noise_per_group: bool = field(False, help="start every sample of a group from the same initial noise")
+    rollout_batch_size: int = field(0, help="samples per sampling forward in rollouts (0: the whole rollout)")
+    timestep_selection: str = field("all-but-last", help="steps trained: all-but-last, random (per sample) or window")
+    timestep_fraction: float = field(0.6, help="share of steps trained per sample with timestep_selection=random")
+    sde_window: int = field(2, help="SDE steps per rollout with timestep_selection=window (noise-free elsewhere)")
+    sde_window_range: int = field(0, help="the window lies in steps [0, range) (0: the first half)")
+    train_batch_size: int = field(0, help="samples per training micro-batch (0: the whole rollout)")
+    samples_per_update: int = field(0, help="samples whose gradients make one optimizer step (0: the whole rollout)")
+    inner_epochs: int = field(1, help="passes over each rollout (PPO epochs)")
+    shuffle_samples: bool = field(True, help="shuffle samples before each inner epoch")
+    clip_range: float = field(1e-4, help="PPO clip range c on the ratio (1e-4 Flow-GRPO, 1e-5 its fast variant)")
+    adv_clip_max: float = field(5.0, help="advantages clipped to [-x, x]")
+    advantage_std: str = field("group", help="divide by the std of the prompt's group, the whole 'batch', or 'none'")
+    advantage_history: int = field(0, help="rewards kept per prompt across rollouts as baseline (0: this rollout)")
+    beta_kl: float = field(0.04, help="KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0: no ref pass)")
+    lora_rank: int = field(32, help="LoRA rank")
+    lora_alpha: float | None = field(64.0, help="LoRA alpha (None: the rank)")
+    lora_targets: str | None = field(None, help="comma-separated module names for LoRA (default: attention)")
+    ema_decay: float = field(0.0, help="EMA of the LoRA weights for evaluation and export (0: off)")
+    dtype: str = field("fp32", help="frozen weights dtype: fp32, fp16 or bf16 (LoRA weights and log-probs fp32)")
+    device: str = field("auto", help="cpu, cuda or auto")
+    attention: str = field("sdpa", help="attention backend: sdpa or xformers")
+    eval_prompts: str | None = field(None, help="held-out prompts sampled at evaluation (.txt/.jsonl)")
+    eval_samples: int = field(16, help="samples per evaluation (seeds seed..seed+n-1)")
+    eval_steps: int = field(20, help="sampling steps at evaluation (ODE)")
+    eval_guidance: float | None = field(None, help="guidance at evaluation (default: the rollout guidance)")
+    oracle: bool = field(False, help="score evaluation samples with the shapes-world oracle (the gold metric)")
+    eval_reward: str | None = field(None, help="reward spec scored at evaluation; the gold metric without --oracle")
+    reference_data: str | None = field(None, help="folder of reference images for the drift FD (monitor)")
+    monitor_patience: int = field(2, help="evaluations in a row with gold down and reward up before the alarm")
+    monitor_min_gold_drop: float = field(0.05, help="gold-metric drop below its peak that counts")
+    early_stop: bool = field(False, help="stop training when the reward-hacking alarm is raised")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ConfigError("model is required: --model HUB_ID_OR_FOLDER")
+        if not self.prompts:
+            raise ConfigError("prompts is required: --prompts FILE.txt (or one literal prompt)")
+        if self.sampler not in ("auto", *SAMPLER_NOISE_ARG):
+            raise ConfigError(f"sampler must be auto or one of {sorted(SAMPLER_NOISE_ARG)}, got {self.sampler!r}")
+        if self.timestep_selection not in TIMESTEP_SELECTIONS:
+            raise ConfigError(f"timestep_selection must be one of {TIMESTEP_SELECTIONS}")
+        if self.advantage_std not in ("group", "batch", "none"):
+            raise ConfigError(f"advantage_std must be group, batch or none, got {self.advantage_std!r}")
+        if self.advantage_history and self.advantage_std == "none":
+            raise ConfigError("advantage_history tracks z-scores: use advantage_std group or batch with it")
+        for name in ("group_size", "steps", "inner_epochs", "lora_rank", "monitor_patience", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rollout_batch_size", "train_batch_size", "samples_per_update", "advantage_history"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: the default), got {getattr(self, name)}")
+        if not (0 < self.clip_range < 1 and self.adv_clip_max > 0 and self.beta_kl >= 0):
+            raise ConfigError("need 0 < clip_range < 1, adv_clip_max > 0 and beta_kl >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        n = self.samples_per_rollout
+        per_update = self.samples_per_update or n
+        micro = self.train_batch_size or n
+        if n % per_update or per_update % micro:
+            raise ConfigError(
+                f"a rollout has batch_size x group_size = {n} samples: samples_per_update ({per_update}) must divide "
+                f"it and train_batch_size ({micro}) must divide samples_per_update"
+            )
+        derived = per_update // micro * self.trained_steps
+        if self.gradient_accumulation_steps not in (1, derived):
+            raise ConfigError(
+                f"GRPO derives gradient_accumulation_steps = (samples_per_update / train_batch_size) x trained steps "
+                f"= {derived}; set samples_per_update / train_batch_size instead of gradient_accumulation_steps"
+            )
+        self.gradient_accumulation_steps = derived
+        per_rollout = self.updates_per_rollout
+        for name in ("max_steps", "checkpoint_every"):
+            if getattr(self, name) % per_rollout:
+                raise ConfigError(
+                    f"{name} ({getattr(self, name)}) must be a multiple of the {per_rollout} optimizer steps each "
+                    "rollout feeds (inner_epochs x samples per rollout / samples_per_update), so checkpoints fall "
+                    "between rollouts and resume exactly"
+                )
+
+    @property
+    def samples_per_rollout(self) -> int:
+        return self.batch_size * self.group_size
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.inner_epochs * self.samples_per_rollout // (self.samples_per_update or self.samples_per_rollout)
+
+    @property
+    def trained_steps(self) -> int:
+        """Steps trained per sample: ``K``."""
+        if self.timestep_selection == "all-but-last":
+            if self.steps < 2:
+                raise ConfigError("timestep_selection=all-but-last needs steps >= 2")
+            return self.steps - 1
+        if self.timestep_selection == "random":
+            if not 0 < self.timestep_fraction <= 1:
+                raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+            return max(1, round(self.timestep_fraction * self.steps))
+        window_range = self.sde_window_range or max(self.steps // 2, self.sde_window)
+        if not 1 <= self.sde_window <= window_range <= self.steps:
+            raise ConfigError(
+                f"need 1 <= sde_window ({self.sde_window}) <= sde_window_range ({window_range}) "
+                f"<= steps ({self.steps})"
+            )
+        return self.sde_window
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def flow_grpo_sd3_pickscore(**overrides) -> GRPOConfig:
+    """Flow-GRPO on SD3.5-Medium with PickScore (Liu et al. 2025, Sec. 5 and the flow_grpo pickscore config)."""
+    values = dict(
+        model="stabilityai/stable-diffusion-3.5-medium", reward="pickscore",
+        resolution=512,  # Sec. 5.1: 512 px training
+        steps=10, guidance=4.5,  # Sec. 5.1: T = 10 training steps ("denoising reduction"), CFG 4.5
+        group_size=24, noise_level=0.7,  # Sec. 5.1: G = 24; a = 0.7
+        beta_kl=0.01,  # Sec. 5.1: beta = 0.01 for PickScore
+        clip_range=1e-4, adv_clip_max=5.0, advantage_std="batch",  # flow_grpo config (global_std)
+        learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, ema_decay=0.9,  # flow_grpo config
+        eval_steps=40, mixed_precision="bf16", dtype="bf16",
+    )  # fmt: skip
+    return GRPOConfig(**{**values, **overrides})
+
+
+def flow_grpo_sd3_geneval(**overrides) -> GRPOConfig:
+    """Flow-GRPO on SD3.5-Medium with a GenEval-style reward served over HTTP (flow_grpo runs its detector
+    scorer as a separate server too): start it with ``visalign serve-reward`` and pass its URL."""
+    values = dict(reward="remote:http://127.0.0.1:8765", beta_kl=0.04)  # Sec. 5.1: beta = 0.04 for GenEval
+    return flow_grpo_sd3_pickscore(**{**values, **overrides})
+
+
+def flow_grpo_fast_sd3(**overrides) -> GRPOConfig:
+    """Flow-GRPO-Fast: an SDE window of 2 steps in the first half, no KL, clip 1e-5 (flow_grpo fast configs)."""
+    values = dict(timestep_selection="window", sde_window=2, beta_kl=0.0, clip_range=1e-5)
+    return flow_grpo_sd3_pickscore(**{**values, **overrides})
+
+
+def dance_grpo_flux_hps(**overrides) -> GRPOConfig:
+    """DanceGRPO on FLUX.1-dev with HPS v2.1 (Xue et al. 2025; its FLUX training script). DanceGRPO fine-tunes
+    every weight with lr 1e-5; here a LoRA (lr 1e-4) does the work."""
+    values = dict(
+        model="black-forest-labs/FLUX.1-dev", reward="hps-v2.1",
+        resolution=720, steps=16, guidance=3.5,  # script: 720 px, 16 sampling steps, distilled guidance 3.5
+        sampler="dance-sde", noise_level=0.3, group_size=12,  # eta = 0.3, 12 generations per prompt
+        timestep_selection="random", timestep_fraction=0.6,  # 60% of the steps per sample
+        beta_kl=0.0, clip_range=1e-4, adv_clip_max=5.0, advantage_std="group",
+        learning_rate=1e-4, lora_rank=32, lora_alpha=64.0, mixed_precision="bf16", dtype="bf16",
+    )  # fmt: skip
+    return GRPOConfig(**{**values, **overrides})
+
+
+def toy_flow_clip(**overrides) -> GRPOConfig:
+    """The shapes world: Flow-GRPO on toy-flow with the toy-clip reward, judged by the oracle (README figure)."""
+    values = dict(
+        model="assets/toyworld/toy-flow", reward="clip(model=assets/toyworld/toy-clip)",
+        prompts="assets/toyworld/prompts/held_in.txt", eval_prompts="assets/toyworld/prompts/held_in.txt",
+        oracle=True, resolution=64, steps=10, guidance=4.5, group_size=8, batch_size=4,
+        beta_kl=0.01, learning_rate=3e-4, lora_rank=8, lora_alpha=16.0, eval_samples=200, eval_steps=20,
+    )  # fmt: skip
+    return GRPOConfig(**{**values, **overrides})
+
+
+PRESETS = {
+    "flow-grpo-sd3-pickscore": flow_grpo_sd3_pickscore,
+    "flow-grpo-sd3-geneval": flow_grpo_sd3_geneval,
+    "flow-grpo-fast-sd3": flow_grpo_fast_sd3,
+    "dance-grpo-flux-hps": dance_grpo_flux_hps,
+    "toy-flow-clip": toy_flow_clip,
+}
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    """One rollout: ``N = prompts x group_size`` samples and what training needs of them.
+
+    Attributes:
+        prompts: ``N`` prompts; prompt_ids: ``[N]`` indices into the task's prompt list (the groups).
+        cond, uncond: text conditioning ``[N, ...]`` (``uncond`` ``None`` without CFG).
+        trajectory: ``[N, S + 1, ...]`` latents before each step and after the last.
+        log_probs: ``[N, S]`` fp32 log-probs at rollout time (0 at noise-free steps).
+        train_steps: ``[N, K]`` step indices trained for each sample.
+        scheduler: the timestep grid of the rollout (rebuilt identically for training).
+        pixels: ``[N, ...]`` decoded samples in [0, 1].
+        rewards, valid, advantages: ``[N]`` (NaN rewards are invalid; invalid samples get advantage 0).
+    """
+
+    prompts: list[str]
+    prompt_ids: torch.Tensor
+    cond: dict
+    uncond: dict | None
+    trajectory: torch.Tensor
+    log_probs: torch.Tensor
+    train_steps: torch.Tensor
+    scheduler: Any
+    pixels: torch.Tensor
+    rewards: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    metrics: dict[str, float] = dc_field(default_factory=dict)
+
+
+class TextCache:
+    """Text conditioning (and its CFG branch) computed once per prompt, kept on the model's device.
+
+    Each prompt is encoded alone: a batched encoder's output depends (in the last bits) on what it is batched
+    with, and a resumed run must see exactly the embeddings of an uninterrupted one.
+    """
+
+    def __init__(self, model, negative_prompt: str | None, cfg: bool):
+        self.model, self.negative_prompt, self.cfg = model, negative_prompt, cfg
+        self.rows: dict[str, tuple[dict, dict | None]] = {}
+
+    def __call__(self, prompts: list[str]) -> tuple[dict, dict | None]:
+        for p in dict.fromkeys(p for p in prompts if p not in self.rows):
+            cond = self.model.encode_prompt([p])
+            self.rows[p] = (cond, self.model.negative_cond(cond, self.negative_prompt) if self.cfg else None)
+        conds = [self.rows[p] for p in prompts]
+        return cat_cond(*[c for c, _ in conds]), (cat_cond(*[u for _, u in conds]) if self.cfg else None)
+
+
+class GRPO:
+    """The GRPO task for :class:`trainers.base.Trainer` (an online task: ``wants_data`` / ``loss(None)``)."""
+
+    def __init__(self, config: GRPOConfig, model=None, reward=None):
+        from accelerate import PartialState
+
+        from visalign.evaluation import read_prompts
+        from visalign.models import load_model
+        from visalign.monitors import RewardHackingMonitor
+
+        self.config = cfg = config
+        torch.manual_seed(cfg.seed)  # the LoRA initialisation is part of the run's seeded state
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
+        targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
+        self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=targets)
+        self.prompts = read_prompts(cfg.prompts)
+        self.guidance = self.model.default_guidance if cfg.guidance is None else cfg.guidance
+        name = cfg.sampler if cfg.sampler != "auto" else ("flow-sde" if self.model.is_flow else "ddim")
+        noise = {} if cfg.noise_level is None else {SAMPLER_NOISE_ARG[name]: cfg.noise_level}
+        self.sampler = get_sampler(name, **noise)
+        self.ode_sampler = get_sampler(name, **{SAMPLER_NOISE_ARG[name]: 0.0})
+        if self.sampler.kind != self.model.sde_kind:
+            fits = "flow-sde, dance-sde or cps" if self.model.is_flow else "ddim"
+            raise ConfigError(f"sampler {name} is for {self.sampler.kind} models; {self.model.family} needs {fits}")
+        self.text = TextCache(self.model, cfg.negative_prompt, self.model.uses_cfg(self.guidance))
+        self.tracker = PromptStatTracker(cfg.advantage_history, global_std=cfg.advantage_std == "batch") if (
+            cfg.advantage_history) else None  # fmt: skip
+        self.rank = PartialState().process_index
+        self.queue: collections.deque = collections.deque()
+        self.rollouts = 0  # rollouts done (seeds the next one)
+        self.micro = 0  # micro-batches trained
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay else None
+        self.ema_synced = 0  # optimizer steps the EMA has seen
+        self.monitor = RewardHackingMonitor(patience=cfg.monitor_patience, min_gold_drop=cfg.monitor_min_gold_drop,
+                                            early_stop=cfg.early_stop, reward_name=f"reward ({self.reward_label})",
+                                            gold_name=self.gold_key or "gold metric")  # fmt: skip
+        self._eval_reward = None
+        self.reward = reward if reward is not None else self.build_reward()
+        self.reference_features = self.load_reference_features()
+
+    @property
+    def reward_label(self) -> str:
+        """The training reward's name in logs and results (``reward/<label>``)."""
+        return str(self.config.reward)
+
+    def build_reward(self):
+        from reward_models import build_reward
+
+        if not self.config.reward:
+            raise ConfigError("reward is required: --reward SPEC (e.g. 'pickscore' or 'clip(model=...)')")
+        return build_reward(self.config.reward, device=self.model.device)
+
+    # ----------------------------------------------------------------- Task protocol
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def train_dataset(self):
+        return list(range(len(self.prompts)))
+
+    def collate(self, rows: list[int]) -> list[int]:
+        return list(rows)
+
+    def wants_data(self) -> bool:
+        """A new batch of prompts is needed only when the last rollout's micro-batches are all trained."""
+        return not self.queue
+
+    def loss(self, batch: list[int] | None):
+        if batch is not None:
+            self.rollout(batch)
+        if not self.queue:
+            raise TrainingError("GRPO.loss(None) called with no rollout pending; the loop must ask wants_data()")
+        self._sync_ema()
+        rollout, rows, slot = self.queue.popleft()
+        self.micro += 1
+        loss, metrics = self.item_loss(rollout, rows, slot)
+        return loss, {**rollout.metrics, **metrics}
+
+    # ----------------------------------------------------------------- rollout
+    def sample_rollout(self, prompt_ids: list[int], generator: torch.Generator) -> Rollout:
+        """Sample ``group_size`` trajectories per prompt with the stochastic sampler (no rewards yet)."""
+        cfg, model = self.config, self.model
+        g = cfg.group_size
+        ids = torch.tensor(prompt_ids, dtype=torch.long).repeat_interleave(g)
+        prompts = [self.prompts[i] for i in ids.tolist()]
+        size = cfg.resolution or model.default_resolution
+        if cfg.same_noise_per_group:
+            noise = model.prepare_latents(len(prompt_ids), size, size, cfg.num_frames, generator)
+            noise = noise.repeat_interleave(g, dim=0)
+        else:
+            noise = model.prepare_latents(len(prompts), size, size, cfg.num_frames, generator)
+        samplers, steps = self.rollout_samplers(len(prompts), generator)
+        chunk = cfg.rollout_batch_size or len(prompts)
+        outs = []
+        for start in range(0, len(prompts), chunk):
+            rows = slice(start, start + chunk)
+            cond, uncond = self.text(prompts[rows])
+            outs.append(model.sample(prompts[rows], steps=cfg.steps, guidance=self.guidance, latents=noise[rows],
+                                     cond=cond, uncond=uncond, sde=samplers, generator=generator, height=size,
+                                     width=size, num_frames=cfg.num_frames, record_trajectory=True))  # fmt: skip
+        cond, uncond = self.text(prompts)
+        return Rollout(
+            prompts=prompts,
+            prompt_ids=ids,
+            cond=cond,
+            uncond=uncond,
+            trajectory=torch.cat([o.trajectory for o in outs]),
+            log_probs=torch.cat([o.log_probs for o in outs]),
+            train_steps=steps,
+            scheduler=model.inference_scheduler(cfg.steps, noise, self.sampler),
+            pixels=torch.cat([o.pixels for o in outs]),
+        )
+
+    def rollout_samplers(self, n: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
+        """Per-step samplers and the ``[n, K]`` steps to train, by ``timestep_selection``."""
+        cfg = self.config
+        s, k = cfg.steps, cfg.trained_steps
+        if cfg.timestep_selection == "all-but-last":  # Flow-GRPO: the last step is not trained
+            return [self.sampler] * s, torch.arange(k).expand(n, k).clone()
+        if cfg.timestep_selection == "random":  # DanceGRPO: a random subset per sample
+            perms = torch.stack([torch.randperm(s, generator=generator)[:k] for _ in range(n)])
+            return [self.sampler] * s, perms.sort(dim=1).values
+        window_range = cfg.sde_window_range or max(s // 2, k)
+        start = int(torch.randint(0, window_range - k + 1, (1,), generator=generator))
+        samplers = [self.sampler if start <= i < start + k else self.ode_sampler for i in range(s)]
+        return samplers, torch.arange(start, start + k).expand(n, k).clone()
+
+    def score(self, rollout: Rollout) -> Rollout:
+        """Rewards, validity and clipped group-relative advantages of a sampled rollout."""
+        from reward_models import RewardError
+
+        cfg = self.config
+        try:
+            with torch.no_grad():
+                out = self.reward(rollout.pixels.to(self.reward.device), rollout.prompts)
+        except RewardError as e:
+            step = self.micro // cfg.gradient_accumulation_steps + 1
+            raise TrainingError(
+                f"the reward failed on rollout {self.rollouts + 1} (optimizer step {step}); the step was not trained "
+                f"and the last checkpoint is intact: {e}"
+            ) from e
+        rewards = out.scores.detach().float().cpu()
+        valid = out.valid.cpu() & torch.isfinite(rewards)
+        advantages = torch.zeros_like(rewards)
+        if valid.sum() > 0:
+            r, ids = rewards[valid], rollout.prompt_ids[valid]
+            if self.tracker is not None:
+                adv = self.tracker.update([self.prompts[i] for i in ids.tolist()], r)
+            else:
+                adv = group_advantages(r, ids, std=cfg.advantage_std)
+            advantages[valid] = clip_advantages(adv, cfg.adv_clip_max)
+        rollout.rewards, rollout.valid, rollout.advantages = rewards, valid, advantages
+        return rollout
+
+    def rollout(self, prompt_ids: list[int]) -> Rollout:
+        """Sample and score one rollout, and queue its micro-batches (inner epochs x updates x trained steps)."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 100_003 + self.rollouts)
+        start = time.perf_counter()
+        ro = self.sample_rollout(prompt_ids, generator)
+        seconds = time.perf_counter() - start
+        self.score(ro)
+        self.rollouts += 1
+        good = ro.rewards[ro.valid]
+        n = len(ro.prompts)
+        ro.metrics = {
+            "reward/mean": float(good.mean()) if len(good) else float("nan"),
+            "reward/std": float(good.std(correction=0)) if len(good) else float("nan"),
+            "rollout/invalid": float(n - len(good)),
+            "rollout/seconds": seconds,
+            "rollout/samples_per_s": n / seconds,
+            "advantage/abs_mean": float(ro.advantages.abs().mean()),
+        }
+        micro = cfg.train_batch_size or n
+        per_update = cfg.samples_per_update or n
+        for _ in range(cfg.inner_epochs):
+            order = torch.randperm(n, generator=generator) if cfg.shuffle_samples else torch.arange(n)
+            for u in range(0, n, per_update):
+                for m in range(u, u + per_update, micro):
+                    for slot in range(cfg.trained_steps):  # flow_grpo: timesteps innermost, one backward each
+                        self.queue.append((ro, order[m : m + micro], slot))
+        return ro
+
+    # ----------------------------------------------------------------- training step
+    def recompute(self, ro: Rollout, rows: torch.Tensor, slot: int, reference: bool = False):
+        """The trained step ``slot`` of samples ``rows`` under the policy (or the reference), scoring the stored
+        next latents: the same :meth:`DiffusionModel.sde_step` as the rollout."""
+        model = self.model
+        steps = ro.train_steps[rows, slot]
+        traj = ro.trajectory
+        r, i = rows.to(traj.device), steps.to(traj.device)
+        x, x_next = traj[r, i], traj[r, i + 1]
+        uncond = None if ro.uncond is None else index_cond(ro.uncond, rows)
+        args = (ro.scheduler, steps, x, index_cond(ro.cond, rows), uncond, self.guidance, self.sampler)
+        if not reference:
+            return model.sde_step(*args, prev_sample=x_next)
+        with torch.no_grad(), model.reference():
+            return model.sde_step(*args, prev_sample=x_next)
+
+    def item_loss(self, ro: Rollout, rows: torch.Tensor, slot: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO-clip loss plus ``beta_kl`` KL on one micro-batch of one trained step (invalid samples dropped)."""
+        cfg = self.config
+        rows = rows[ro.valid[rows]]
+        if rows.numel() == 0:  # nothing valid to learn from: no gradient at all (not a zero gradient)
+            empty = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio": 1.0}
+            return torch.zeros((), requires_grad=True), empty
+        step = self.recompute(ro, rows, slot)
+        old = ro.log_probs[rows, ro.train_steps[rows, slot].to(ro.log_probs.device)]
+        adv = ro.advantages[rows].to(step.log_prob.device)
+        losses, stats = ppo_clip_loss(step.log_prob, old.to(step.log_prob.device), adv, clip_range=cfg.clip_range)
+        policy_loss = losses.mean()
+        loss, kl_mean = policy_loss, torch.zeros(())
+        if cfg.beta_kl > 0:
+            ref = self.recompute(ro, rows, slot, reference=True)
+            scale = step.noise_scale.detach()
+            stochastic = scale.flatten(1)[:, 0] > 0  # noise-free steps have no KL (their ratio is exactly 1)
+            kl = kl_to_reference(step.mean, ref.mean, torch.where(scale > 0, scale, torch.ones_like(scale)))
+            kl = torch.where(stochastic, kl, torch.zeros_like(kl))
+            kl_mean = kl.mean()
+            loss = loss + cfg.beta_kl * kl_mean
+        metrics = {"policy_loss": float(policy_loss.detach()), "kl": float(kl_mean.detach())}
+        metrics.update({k: float(v) for k, v in stats.items()})
+        return loss, metrics
+
+    # ----------------------------------------------------------------- EMA
+    def _sync_ema(self) -> None:
+        """EMA update for the optimizer steps taken since the last one (lazily, so a resume reproduces it)."""
+        done = self.micro // self.config.gradient_accumulation_steps
+        self._ema_to(done)
+
+    def _ema_to(self, steps: int) -> None:
+        if self.ema is None or self.ema_synced >= steps:
+            return
+        d = self.config.ema_decay
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        self.ema_synced = steps
+
+    def ema_weights(self, step: int):
+        """A context with the EMA weights in the LoRA (the live weights otherwise)."""
+
+        @contextlib.contextmanager
+        def swap():
+            if self.ema is None:
+                yield
+                return
+            self._ema_to(step)
+            live = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    p.copy_(e)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, v in zip(self.params, live):
+                        p.copy_(v)
+
+        return swap()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = dict(get_peft_model_state_dict(self.model.denoiser, adapter_name="default"))
+        state["grpo/counters"] = torch.tensor([self.rollouts, self.micro, self.ema_synced], dtype=torch.long)
+        if self.ema is not None:
+            state.update({f"grpo/ema/{i}": e for i, e in enumerate(self.ema)})
+        if self.tracker is not None:
+            index = {p: i for i, p in reversed(list(enumerate(self.prompts)))}
+            for prompt, values in self.tracker.stats.items():
+                state[f"grpo/tracker/{index[prompt]}"] = torch.tensor(list(values), dtype=torch.float64)
+        state.update(self.monitor.state_dict("grpo/monitor/"))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        lora = {k: v for k, v in state.items() if not k.startswith("grpo/")}
+        result = set_peft_model_state_dict(self.model.denoiser, lora, adapter_name="default")
+        if result.unexpected_keys:
+            raise ConfigError(f"checkpoint holds LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+        self.rollouts, self.micro, self.ema_synced = (int(v) for v in state["grpo/counters"])
+        if self.ema is not None:
+            self.ema = [state[f"grpo/ema/{i}"].to(p.device, p.dtype).clone() for i, p in enumerate(self.params)]
+        if self.tracker is not None:
+            stats = {self.prompts[int(k.rsplit("/", 1)[1])]: v.tolist() for k, v in state.items()
+                     if k.startswith("grpo/tracker/")}  # fmt: skip
+            self.tracker.load_state_dict({"stats": stats})
+        self.monitor.load_state_dict(state, "grpo/monitor/")
+        self.queue.clear()
+
+    # ----------------------------------------------------------------- evaluation, monitors, export
+    @property
+    def gold_key(self) -> str | None:
+        cfg = self.config
+        if cfg.oracle:
+            return "oracle/all/strict_acc"
+        return f"reward/{cfg.eval_reward}" if cfg.eval_reward else None
+
+    def features(self, media: torch.Tensor) -> torch.Tensor:
+        """Features for the drift FD and diversity (pixel thumbnails; DRL uses its encoder's)."""
+        from visalign.evaluation import thumbnails
+
+        return thumbnails(media)
+
+    def load_reference_features(self) -> torch.Tensor | None:
+        cfg = self.config
+        if not cfg.reference_data:
+            return None
+        from visalign.data import load_image
+
+        files = sorted(p for p in Path(cfg.reference_data).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if len(files) < 2:
+            raise ConfigError(f"reference_data {cfg.reference_data} must hold at least two .png/.jpg images")
+        size = cfg.resolution or self.model.default_resolution
+        images = torch.stack([load_image(f, size, where=str(f)) for f in files])
+        return self.features(images).float().cpu()
+
+    def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:
+        """Training reward, gold metric and drift on seeded held-out samples; feeds the reward-hacking monitor.
+
+        The first evaluation of a run also evaluates the base model (the LoRA disabled: the policy at step 0) as
+        ``eval/step-000000``, so the monitor and the figures start from where training started.
+        """
+        if not self.config.eval_prompts:
+            return {}
+        if not self.monitor.steps and step > 0:
+            with self.model.lora_disabled():
+                self.evaluate_at(0, out_dir.parent / f"step-{0:06d}", ema=False)
+        return self.evaluate_at(step, out_dir)
+
+    def evaluate_at(self, step: int, out_dir: Path, ema: bool = True) -> dict[str, float]:
+        import json
+
+        from visalign.evaluation import oracle_metrics, read_prompts, sample_all
+        from visalign.media import image_grid, save_image
+        from visalign.monitors import drift_report
+
+        cfg = self.config
+        texts = read_prompts(cfg.eval_prompts)
+        texts = [texts[i % len(texts)] for i in range(cfg.eval_samples)]
+        size = cfg.resolution or self.model.default_resolution
+        guidance = self.guidance if cfg.eval_guidance is None else cfg.eval_guidance
+        with self.ema_weights(step) if ema else contextlib.nullcontext():
+            media = sample_all(self.model, texts, [cfg.seed + i for i in range(len(texts))], steps=cfg.eval_steps,
+                               guidance=guidance, height=size, width=size, num_frames=cfg.num_frames,
+                               negative_prompt=cfg.negative_prompt, progress=False)  # fmt: skip
+        results = oracle_metrics(media, texts) if cfg.oracle else {}
+        train_reward = self.reward(media.to(self.reward.device), texts)
+        results[f"reward/{self.reward_label}"] = float(train_reward.scores[train_reward.valid].mean())
+        if cfg.eval_reward:
+            gold = self.eval_reward()(media.to(self.model.device), texts)
+            results[f"reward/{cfg.eval_reward}"] = float(gold.scores[gold.valid].mean())
+        drift = drift_report(media, texts, features=self.features, reference_features=self.reference_features)
+        results.update({f"drift/{k}": v for k, v in drift.items()})
+        gold = results.get(self.gold_key) if self.gold_key else None
+        alarm = self.monitor.record(step, results[f"reward/{self.reward_label}"], gold, drift)
+        results["monitor/alarm"] = float(alarm)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frames = media[:, 0] if media.ndim == 5 else media
+        save_image(image_grid(frames, nrow=min(8, len(frames))), out_dir / "samples.png")
+        (out_dir / "report.json").write_text(json.dumps({"step": step, "results": results}, indent=2))
+        self.monitor.save(Path(cfg.output_dir) / "monitor")
+        return results
+
+    def eval_reward(self):
+        if self._eval_reward is None:
+            from reward_models import build_reward
+
+            self._eval_reward = build_reward(self.config.eval_reward, device=self.model.device)
+        return self._eval_reward
+
+    def on_step_end(self, step: int) -> bool:
+        """Stop when the monitor's alarm is raised and ``early_stop`` is set."""
+        return self.monitor.should_stop
+
+    def export(self, out_dir: Path, results: dict[str, float]) -> None:
+        cfg = self.config
+        steps_done = self.micro // cfg.gradient_accumulation_steps
+        with self.ema_weights(steps_done):
+            self.model.save_lora(out_dir)
+        if self.monitor.steps:
+            self.monitor.save(out_dir / "monitor")
+        write_model_card(
+            out_dir,
+            title=f"{type(self).__name__} ({self.sampler.name}, reward {self.reward_label}) on {cfg.model}",
+            base_model=cfg.model,
+            data=cfg.prompts,
+            config=cfg,
+            results=results,
+            usage=f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{cfg.model}")\n'
+            f'pipe.load_lora_weights("{out_dir}")',
+        )
+
+    # ----------------------------------------------------------------- porting checks
+    @torch.no_grad()
+    def porting_checks(self, prompt_ids: list[int] | None = None) -> dict[str, float]:
+        """The checklist Flow-GRPO's authors ask porters to run, on this model and config.
+
+        1. ``ode_max_abs_diff``: sampling with the sampler at noise 0 against deterministic sampling with the
+           pipeline's first-order scheduler on the same grid (Euler for flow, DDIM for epsilon/v), final latents.
+        2. ``logprob_max_abs_diff``: log-probs recomputed by the training step against the rollout's, every
+           trained step of one rollout of ``prompt_ids``, fp32.
+        3. ``ratio_max_abs_dev``: ``max |exp(logp - logp_old) - 1|`` over the same (0 when 2. is 0).
+
+        Returns:
+            the three figures (the rollout is sampled with its own generator and not queued or scored).
+        """
+        cfg, model = self.config, self.model
+        prompt_ids = prompt_ids or [0]
+        size = cfg.resolution or model.default_resolution
+        prompts = [self.prompts[i] for i in prompt_ids]
+        latents = model.prepare_latents(len(prompts), size, size, cfg.num_frames, torch.Generator().manual_seed(0))
+        kw = dict(steps=cfg.steps, guidance=self.guidance, latents=latents, height=size, width=size,
+                  num_frames=cfg.num_frames, decode=False, negative_prompt=cfg.negative_prompt)  # fmt: skip
+        pipeline_scheduler = model.pipe.scheduler
+        model.pipe.scheduler = first_order_scheduler(model)  # both runs on the first-order scheduler's grid
+        try:
+            zero = model.sample(prompts, sde=self.ode_sampler, **kw)
+            ode = model.sample(prompts, **kw)
+        finally:
+            model.pipe.scheduler = pipeline_scheduler
+        ro = self.sample_rollout(prompt_ids, torch.Generator().manual_seed(1))
+        rows = torch.arange(len(ro.prompts))
+        diffs = []
+        for slot in range(ro.train_steps.shape[1]):
+            logp = self.recompute(ro, rows, slot).log_prob
+            diffs.append((logp - ro.log_probs[rows, ro.train_steps[:, slot].to(ro.log_probs.device)]).abs().max())
+        worst = float(torch.stack(diffs).max())
+        return {
+            "ode_max_abs_diff": float((zero.latents.float() - ode.latents.float()).abs().max()),
+            "logprob_max_abs_diff": worst,
+            "ratio_max_abs_dev": float(torch.expm1(torch.tensor(worst)).abs()),
+        }
+
+
+def first_order_scheduler(model):
+    """The pipeline's scheduler, or its first-order counterpart on the same config (for the noise-0 check):
+    ``FlowMatchEulerDiscreteScheduler`` for flow families, DDIM (no clipping) for epsilon/v families."""
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    scheduler = model.pipe.scheduler
+    config = scheduler.config
+    if model.is_flow:
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            return scheduler
+        return FlowMatchEulerDiscreteScheduler.from_config(config, shift=config.get("flow_shift", 1.0))
+    if isinstance(scheduler, (DDIMScheduler, CogVideoXDDIMScheduler)):
+        return scheduler
+    if isinstance(scheduler, CogVideoXDPMScheduler):
+        return CogVideoXDDIMScheduler.from_config(config)
+    return DDIMScheduler.from_config(config, clip_sample=False)
