@@ -338,7 +338,7 @@ def test_visalign_train_llm_dpo(world, tmp_path, capsys):
     assert results["pairs"] == 32 and (out / "final" / "README.md").exists()
     assert "beta: 0.2" in (out / "config.yaml").read_text()
     assert "implicit_accuracy" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"unknown algorithm 'nope'; available: diffusion-dpo, llm-dpo, mapo"):
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'nope'; available: .*llm-dpo"):
         train.main(["nope"])
     train.main([])
     assert "llm-dpo" in capsys.readouterr().out

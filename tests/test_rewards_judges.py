@@ -295,7 +295,8 @@ def test_openai_judge_request_and_logprob_answers(chat_server, monkeypatch):
     assert out.valid.all() and out.components["from_logprobs"].tolist() == [1.0, 1.0]
 
     assert len(server.requests) == 2
-    headers, body = server.requests[0]
+    # requests may arrive in any order (they are sent concurrently): take the first prompt's
+    headers, body = next((h, b) for h, b in server.requests if '"a red circle"' in _question(b))
     assert headers["Authorization"] == "Bearer sk-test"
     assert body["model"] == "qwen-vl" and body["temperature"] == 0
     assert body["logprobs"] is True and body["top_logprobs"] == 20
