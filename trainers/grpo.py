@@ -224,7 +224,7 @@ def toy_flow_clip(**overrides) -> GRPOConfig:
     values = dict(
         model="assets/toyworld/toy-flow", reward="clip(model=assets/toyworld/toy-clip)",
         prompts="assets/toyworld/prompts/held_in.txt", eval_prompts="assets/toyworld/prompts/held_in.txt",
-        oracle=True, resolution=64, steps=10, guidance=4.5, group_size=8, batch_size=4,
+        oracle=True, resolution=64, steps=10, guidance=4.5, group_size=8, batch_size=4, advantage_std="batch",
         beta_kl=0.01, learning_rate=3e-4, lora_rank=8, lora_alpha=16.0, eval_samples=200, eval_steps=20,
     )  # fmt: skip
     return GRPOConfig(**{**values, **overrides})
