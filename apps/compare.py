@@ -316,7 +316,7 @@ def serve(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool 
 # ----------------------------------------------------------------------------------------------- the command
 def resolve(cfg: CompareConfig) -> tuple[list[Variant], list[str], str]:
     """Variants, reward specs and the page hint for a config (the shapes-world defaults when not given)."""
-    from apps.compare_logic import sampling_defaults
+    from visalign.toyworld import sampling_defaults
 
     shapes_world = bool(sampling_defaults(cfg.model)) or cfg.model == DEFAULT_MODEL
     if cfg.model == DEFAULT_MODEL:
@@ -336,10 +336,11 @@ def resolve(cfg: CompareConfig) -> tuple[list[Variant], list[str], str]:
 
 
 def run(cfg: CompareConfig, block: bool = True):
-    from apps.compare_logic import build_rewards, sampling_defaults
+    from apps.compare_logic import build_rewards
     from apps.generate import resolve_device
     from visalign.evaluation import read_prompts
     from visalign.models import load_model
+    from visalign.toyworld import sampling_defaults
 
     variants, reward_specs, hint = resolve(cfg)
     device = resolve_device(cfg.device)

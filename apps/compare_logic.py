@@ -563,11 +563,3 @@ def load_report(root: str | os.PathLike, name: str) -> dict:
         "seeds": report.get("seeds", [])[:ncol],
         "base": report.get("base"),
     }
-
-
-def sampling_defaults(model_dir) -> dict:
-    """The ``sampling`` block of a shapes-world model's ``toyworld.json`` (empty for other pipelines)."""
-    info = Path(model_dir) / "toyworld.json"
-    if not info.is_file():
-        return {}
-    return json.loads(info.read_text()).get("sampling") or {}

@@ -5,8 +5,9 @@ sample with the oracle, and writes three preference datasets (the schema ``visal
 
 * ``layout/``: positioned captions; the winner has the right position and the loser not. Both hold exactly one
   object and agree on colour (and, where the group allows, on shape), so the pair teaches position only.
-* ``fidelity/``: every caption; the winner has the right colour and the loser not; both hold one object and
-  agree on position (and, where possible, on shape), so the pair teaches colour only.
+* ``fidelity/``: every caption; the winner has the right colour and the loser not (a wrong colour, or no single
+  clean object to judge: the oracle's colour verdict); both agree on position (and, where possible, on shape),
+  so the pair teaches colour fidelity, not layout.
 * ``union/``: both sets together (the baseline: one LoRA trained by DPO on everything).
 
 ``table`` prints a ``visalign evaluate`` report as a Markdown table. The whole experiment (README, "Timestep-
@@ -30,20 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def pick_pairs(verdicts, want: str, keep_equal: str, prefer_equal: str, limit: int) -> list[tuple[int, int]]:
-    """Disjoint (winner, loser) index pairs of one group: ``want`` right vs wrong, both with one object,
-    ``keep_equal`` the same on both sides, ``prefer_equal`` the same where possible."""
+def pick_pairs(verdicts, want: str, keep_equal: str, prefer_equal: str, limit: int, loser_object: bool):
+    """Disjoint (winner, loser) index pairs of one group: ``want`` right vs wrong, the winner with one object (the
+    loser too if ``loser_object``), ``keep_equal`` the same on both sides, ``prefer_equal`` the same where possible."""
     ok = [i for i, v in enumerate(verdicts) if v.object and getattr(v, want)]
-    bad = [i for i, v in enumerate(verdicts) if v.object and getattr(v, want) is False]
+    bad = [i for i, v in enumerate(verdicts) if getattr(v, want) is False and (v.object or not loser_object)]
     pairs, used = [], set()
     for w in ok:
-        candidates = [
+        same_kept = [
             b for b in bad if b not in used and getattr(verdicts[b], keep_equal) == getattr(verdicts[w], keep_equal)
         ]
-        if not candidates:
+        if not same_kept:
             continue
-        same = [b for b in candidates if getattr(verdicts[b], prefer_equal) == getattr(verdicts[w], prefer_equal)]
-        loser = (same or candidates)[0]
+        same = [b for b in same_kept if getattr(verdicts[b], prefer_equal) == getattr(verdicts[w], prefer_equal)]
+        loser = (same or same_kept)[0]
         used.add(loser)
         pairs.append((w, loser))
         if len(pairs) == limit:
@@ -74,9 +75,10 @@ def build_pairs(args) -> dict:
     k = args.per_prompt
     for g in range(len(texts) // k):
         group = verdicts[g * k : (g + 1) * k]
-        sets = {"fidelity": pick_pairs(group, "color_ok", "position_ok", "shape_ok", args.pairs_per_group)}
-        if parse_caption(texts[g * k]).position is not None:
-            sets["layout"] = pick_pairs(group, "position_ok", "color_ok", "shape_ok", args.pairs_per_group)
+        # a wrong colour is mostly a missing or broken object (the oracle judges colour on one clean object)
+        sets = {"fidelity": pick_pairs(group, "color_ok", "position_ok", "shape_ok", args.pairs_per_group, False)}
+        if parse_caption(texts[g * k]).position is not None:  # a wrong position needs an object to be wrong
+            sets["layout"] = pick_pairs(group, "position_ok", "color_ok", "shape_ok", args.pairs_per_group, True)
         for name, pairs in sets.items():
             for w, l in pairs:
                 i, j = g * k + w, g * k + l

@@ -4,6 +4,9 @@ See ``TOYWORLD.md`` (the specification) and ``assets/toyworld/README.md`` (the s
 Importing this package is light (numpy and torch only); the model recipes import Diffusers lazily.
 """
 
+import json
+from pathlib import Path
+
 from .captions import (
     BACKGROUND,
     COLORS,
@@ -48,5 +51,14 @@ __all__ = [
     "parse_video_caption",
     "render_images",
     "render_videos",
+    "sampling_defaults",
     "summarize",
 ]
+
+
+def sampling_defaults(model_dir) -> dict:
+    """The ``sampling`` block of a shapes-world model's ``toyworld.json`` (empty for other pipelines)."""
+    info = Path(model_dir) / "toyworld.json"
+    if not info.is_file():
+        return {}
+    return json.loads(info.read_text()).get("sampling") or {}

@@ -106,7 +106,9 @@ def parse_video_caption(text: str) -> VideoCaption:
     """Parse a video caption ``a {color} {shape} moving {left|right|up|down}``."""
     match = _VIDEO_RE.match(text.strip())
     if match is None:
-        raise CaptionError(f"caption {text!r} is not a shapes-world video caption: 'a {{color}} {{shape}} moving {{dir}}'")
+        raise CaptionError(
+            f"caption {text!r} is not a shapes-world video caption: 'a {{color}} {{shape}} moving {{direction}}'"
+        )
     color, shape, direction = match.groups()
     _check(color, COLORS, "colour", text)
     _check(shape, SHAPES, "shape", text)

@@ -181,8 +181,12 @@ def vertical_of(cy: float) -> str | None:
 
 def position_holds(position: str, cx: float, cy: float) -> bool:
     """Whether a centroid satisfies a named position."""
-    return {"left": horizontal_of(cx) == "left", "right": horizontal_of(cx) == "right",
-            "top": vertical_of(cy) == "top", "bottom": vertical_of(cy) == "bottom"}[position]
+    return {
+        "left": horizontal_of(cx) == "left",
+        "right": horizontal_of(cx) == "right",
+        "top": vertical_of(cy) == "top",
+        "bottom": vertical_of(cy) == "bottom",
+    }[position]
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -344,10 +348,21 @@ def _video_verdict(cap: VideoCaption, stats: ObjectStats, i: int, frames: int) -
 
 
 # ----------------------------------------------------------------------------------------------- aggregates
-IMAGE_METRICS = {"object_rate": "object", "color_acc": "color_ok", "shape_acc": "shape_ok",
-                 "position_acc": "position_ok", "strict_acc": "strict"}
-VIDEO_METRICS = {"object_rate": "object", "color_acc": "color_ok", "shape_acc": "shape_ok",
-                 "direction_acc": "direction_ok", "consistency": "consistent", "strict_acc": "strict"}
+IMAGE_METRICS = {
+    "object_rate": "object",
+    "color_acc": "color_ok",
+    "shape_acc": "shape_ok",
+    "position_acc": "position_ok",
+    "strict_acc": "strict",
+}
+VIDEO_METRICS = {
+    "object_rate": "object",
+    "color_acc": "color_ok",
+    "shape_acc": "shape_ok",
+    "direction_acc": "direction_ok",
+    "consistency": "consistent",
+    "strict_acc": "strict",
+}
 
 
 def _aggregate(verdicts: list, metrics: dict[str, str]) -> dict:

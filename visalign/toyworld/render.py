@@ -33,7 +33,7 @@ POSITION_LOW, POSITION_HIGH = 24.0, 40.0
 POSITION_MARGIN = 1.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """The ``[size, size]`` bool mask of a shape whose bounding box is the whole array.
 
@@ -55,7 +55,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mask_centroid(shape: str, size: int) -> tuple[float, float]:
     """Centroid ``(x, y)`` of :func:`shape_mask` in pixel indices relative to its top-left corner."""
     ys, xs = np.nonzero(shape_mask(shape, size))
@@ -139,7 +139,8 @@ def render_images(captions: list[str | Caption], seed: int, start: int = 0) -> t
         ``[N, 3, 64, 64]`` float32 in ``[0, 1]`` and the ``N`` scenes.
     """
     scenes = [sample_scene(c, np.random.default_rng((seed, start + k))) for k, c in enumerate(captions)]
-    images = np.stack([draw_scene(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    images = np.stack([draw_scene(s) for s in scenes]) if scenes else empty
     return to_tensor(images), scenes
 
 

@@ -1,0 +1,359 @@
+"""Architectures of the shapes-world models: real Diffusers / transformers / open_clip classes at toy sizes.
+
+Everything here builds randomly initialised components from a seed; :mod:`visalign.toyworld.pretrain` trains
+them. Sizes are chosen so each shipped model stays under ~10 MB of fp32 safetensors and pretrains on two CPU
+cores in minutes:
+
+* **Tokenizer** (toy-sd, toy-flow): a real ``CLIPTokenizer`` (byte-level BPE, ``</w>`` word ends) with a
+  small vocabulary: the 512 byte-level base symbols of CLIP, whole-word tokens for the shapes world's words
+  (and a few common ones), and CLIP's two special tokens: 669 tokens instead of 49,408, so a 64-wide text
+  embedding is 170 KB instead of 12.6 MB. Any text still tokenizes (unknown words fall back to bytes), and
+  prompts are padded to 16 tokens (the longest caption is 8).
+* **VAE**: ``AutoencoderKL`` with three levels of 32 channels: 64x64 pixels to 4x16x16 latents. (16 channels at
+  full resolution rounded the corners of squares: the oracle then read 1 square in 6 as a circle.)
+* **toy-sd**: ``UNet2DConditionModel`` on 16x16 latents (32, 64, 64 channels; cross-attention on the two
+  lower levels), ``CLIPTextModel`` (64 wide, 2 layers), ``DDIMScheduler`` with SD's scaled-linear betas,
+  epsilon-prediction.
+* **toy-flow**: ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, 64 wide), two ``CLIPTextModelWithProjection``
+  (32 wide each: their penultimate states concatenate to the 64-wide joint attention input), no T5
+  (``text_encoder_3=None``), ``FlowMatchEulerDiscreteScheduler`` (shift 3).
+* **toy-clip**: an open_clip ``CLIP`` (ViT 64 px, patch 8; text tower 32 wide) registered as the custom config
+  ``toy-clip``; it keeps open_clip's own BPE tokenizer (49,408 tokens, context 16) so that
+  ``open_clip.get_tokenizer("toy-clip")`` works offline and the 32-wide embedding is 6.3 MB.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..offline_tokenizers import WORDS
+from .captions import COLORS, DIRECTIONS, POSITIONS, SHAPES
+from .render import IMAGE_SIZE
+
+TOKENIZER_MAX_LENGTH = 16
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+LATENT_CHANNELS = 4
+VAE_FACTOR = 4
+LATENT_SIZE = IMAGE_SIZE // VAE_FACTOR
+CLIP_MODEL_NAME = "toy-clip"
+CLIP_CONTEXT_LENGTH = 16
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def _world_words() -> list[str]:
+    words = ["a", "the", "on", "moving", *COLORS, *SHAPES, *POSITIONS, *DIRECTIONS, *WORDS]
+    return list(dict.fromkeys(words))
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one lower-case ASCII word (CLIP's algorithm: merge the best-ranked pair, repeat)."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p, len(ranks) + 1), i, p) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        rank, _, best = min(pairs)
+        if rank > len(ranks):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+@functools.lru_cache(maxsize=1)
+def toy_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The toy BPE vocabulary: CLIP's 512 byte-level symbols, whole-word merges, then the special tokens.
+
+    Merges are added word by word, each new one ranked last, until the word encodes to one token; a merge
+    ranked after every earlier one never changes how an earlier word encodes, so every word stays whole.
+    """
+    from open_clip.tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _world_words():
+        while len(pieces := _bpe(word, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.append(pair[0] + pair[1])
+    vocab += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def toy_tokenizer():
+    """The toy ``CLIPTokenizer`` (669 tokens, padded to 16 with ``<|endoftext|>``)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = toy_vocab_and_merges()
+    # transformers 5 needs vocab=dict, merges=list (file paths silently build an empty vocabulary)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+def _text_config(hidden_size: int, layers: int, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = toy_vocab_and_merges()
+    # CLIP pools at the first EOS token: the ids must be this vocabulary's
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=projection_dim or hidden_size,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+        hidden_act="gelu",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- components
+def toy_vae(seed: int = 0):
+    """``AutoencoderKL`` 64x64x3 <-> 16x16x4 (scaling and shift are set from data after training)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+    # The posterior's log-variance starts at -8 (std 0.02) instead of 0 (std 1): with SD's tiny KL weight a
+    # short run never shrinks a unit std, and a decoder trained on such noisy latents rounds every corner.
+    with torch.no_grad():
+        vae.quant_conv.bias[LATENT_CHANNELS:] = -8.0
+    return vae
+
+
+def toy_unet(seed: int = 0):
+    """SD-style ``UNet2DConditionModel`` on 4x16x16 latents, cross-attention to 64-wide text states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def toy_transformer(seed: int = 0):
+    """``SD3Transformer2DModel`` on 4x16x16 latents: 64 image tokens (patch 2), 4 joint blocks, 64 wide."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=LATENT_SIZE // 2,
+    )
+
+
+def sd_scheduler():
+    """DDIM on Stable Diffusion's scaled-linear betas, epsilon-prediction, as SD1.5 ships.
+
+    A property of this parameterisation that the toy world makes visible: an epsilon-prediction model barely
+    learns, at high noise, what the caption says about the *layout* (the part of ``x0`` that epsilon carries
+    is ``sqrt(SNR)`` small there), so toy-sd places its object where the initial noise suggests and "on the
+    left" is followed at chance level. Measured on toy-sd: the same initial noise gave the same centroid for
+    all four position words, with CFG 3 and 10, and with DDPM's linear betas (0.6% signal left at ``t = T``
+    instead of 7%) as well. toy-flow (velocity, shift 3) follows positions. This is room to align.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def flow_scheduler():
+    """Flow-matching Euler with SD3's shift 3 (Esser et al. 2024, Eq. 23), for training and sampling sigmas.
+
+    Shift 1 trains almost never above sigma 0.9 (logit-normal), where the object's position is still hidden
+    in the noise: the layout was then decided by the initial noise, whatever the caption said.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def build_toy_sd(seed: int = 0, vae=None):
+    """A randomly initialised toy-sd ``StableDiffusionPipeline`` (``vae``: reuse a trained one)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(64, 2))
+    return StableDiffusionPipeline(
+        vae=copy.deepcopy(vae) if vae is not None else toy_vae(seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=toy_tokenizer(),
+        unet=toy_unet(seed),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_toy_flow(seed: int = 0, vae=None):
+    """A randomly initialised toy-flow ``StableDiffusion3Pipeline`` without T5 (``vae``: reuse a trained one)."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_text_config(32, 3, projection_dim=32))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, 3, projection_dim=32))
+    return StableDiffusion3Pipeline(
+        transformer=toy_transformer(seed),
+        scheduler=flow_scheduler(),
+        vae=copy.deepcopy(vae) if vae is not None else toy_vae(seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=toy_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=toy_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- toy-clip
+def clip_model_config() -> dict:
+    """The open_clip model config of toy-clip (the ``model_cfg`` of ``open_clip_config.json``)."""
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 3,
+            "head_width": 16,
+            "mlp_ratio": 2.0,
+        },
+        "text_cfg": {
+            "context_length": CLIP_CONTEXT_LENGTH,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+            "mlp_ratio": 2.0,
+        },
+    }
+
+
+def clip_preprocess_config() -> dict:
+    """Preprocessing of toy-clip: 64x64 images (no resize needed), OpenAI mean/std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return {
+        "size": IMAGE_SIZE,
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+@functools.cache
+def register_clip_config() -> Path:
+    """Register ``toy-clip`` with ``open_clip.add_model_config`` (from a private folder; idempotent)."""
+    import tempfile
+
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="visalign-toy-clip-config-"))
+    (folder / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(clip_model_config(), indent=2))
+    open_clip.add_model_config(folder)
+    return folder
+
+
+def build_toy_clip(seed: int = 0):
+    """A randomly initialised toy-clip (open_clip ``CLIP``) and its tokenizer."""
+    import open_clip
+
+    register_clip_config()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(CLIP_MODEL_NAME, pretrained=None)
+    return model, open_clip.get_tokenizer(CLIP_MODEL_NAME)
+
+
+CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def save_toy_clip(model, directory: str | os.PathLike) -> Path:
+    """Save toy-clip as a folder that open_clip loads offline in two ways.
+
+    * ``open_clip.create_model_and_transforms("local-dir:DIR")`` (``open_clip_config.json`` + weights);
+    * ``open_clip.add_model_config("DIR/toy-clip.json")`` then ``create_model("toy-clip", pretrained=
+      "DIR/open_clip_model.safetensors")``.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / CLIP_WEIGHTS)
+    config = {"model_cfg": clip_model_config(), "preprocess_cfg": clip_preprocess_config()}
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(clip_model_config(), indent=2) + "\n")
+    return directory
+
+
+def load_toy_clip(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a saved toy-clip folder: ``(model, tokenizer)`` in eval mode."""
+    import open_clip
+
+    directory = Path(directory)
+    if not (directory / "open_clip_config.json").is_file():
+        from ..errors import VisalignError
+
+        raise VisalignError(f"{directory} is not a toy-clip folder: it has no open_clip_config.json")
+    name = f"local-dir:{directory}"
+    model = open_clip.create_model(name, device=device)
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
