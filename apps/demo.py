@@ -155,6 +155,7 @@ def run(cfg: DemoConfig) -> dict:
         scorers={"toy-clip": score},
         oracle=True,
         steps=cfg.sample_steps,
+        progress=cfg.progress,
     )
 
     print("[4/4] report")

@@ -257,8 +257,11 @@ def format_table(report: dict, keys: list[str] | None = None) -> str:
     variants = report["variants"]
     keys = keys or sorted({k for row in variants.values() for k in row})
     width = max(len(n) for n in variants) + 2
-    lines = [" " * width + "  ".join(f"{k:>14.14s}" for k in keys)]
+    cols = [max(len(k), 8) for k in keys]
+    lines = [" " * width + "  ".join(f"{k:>{c}s}" for k, c in zip(keys, cols))]
     for name, row in variants.items():
-        cells = [f"{row[k]:14.4f}" if isinstance(row.get(k), float) else f"{'-':>14s}" for k in keys]
+        cells = [
+            f"{row[k]:{c}.4f}" if isinstance(row.get(k), float) else f"{'-':>{c}s}" for k, c in zip(keys, cols)
+        ]
         lines.append(f"{name:{width}s}" + "  ".join(cells))
     return "\n".join(lines)

@@ -110,10 +110,6 @@ class PretrainConfig:
     train_images: int = field(20000, help="renders in the latent cache the denoiser trains on")
     stats_images: int = field(2048, help="renders whose latents set the VAE's scaling (and shift) factor")
     check_images: int = field(256, help="renders whose VAE reconstructions the oracle checks (0: skip)")
-    high_noise_weight: float = field(
-        1.0,
-        help="epsilon models: weight each sample's loss by clamp(1/SNR, 1, this) so the layout is learnt (1: plain)",
-    )
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (for CFG)")
     ema_decay: float = field(0.999, help="EMA decay of the saved weights (0 disables EMA)")
     sample_every: int = field(1000, help="save a sample grid every N steps (0: only at the end)")
@@ -479,8 +475,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
                 pred = model.predict(model.add_noise(x0, noise, t), t, collapse_t5_zeros(cond, ids.shape[1]))
         else:
             pred = model.predict(model.add_noise(x0, noise, t), t, cond)
-        per_sample = (pred.float() - model.target(x0, noise, t).float()).pow(2).flatten(1).mean(1)
-        loss = (per_sample * high_noise_weights(model, t, cfg.high_noise_weight)).mean()
+        loss = (pred.float() - model.target(x0, noise, t).float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -517,20 +512,6 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
         "latent_std": std,
         "final_grid_oracle": summary,
     }
-
-
-def high_noise_weights(model, t: torch.Tensor, cap: float) -> torch.Tensor:
-    """Per-sample loss weights ``clamp(1 / SNR(t), 1, cap)`` for epsilon-prediction (ones otherwise).
-
-    An epsilon model's error at noise level t counts the error of its implied ``x0`` times ``SNR(t)``: near
-    ``t = T`` the layout (where the object goes) is worth almost nothing to the loss, and the model learns to
-    read it from the initial noise instead of the caption. Up-weighting high noise by ``1/SNR`` (capped) turns
-    the loss there towards an ``x0`` loss, which is what the layout needs; low noise (SNR >= 1) keeps weight 1.
-    """
-    if cap <= 1.0 or model.is_flow:
-        return torch.ones(t.shape[0])
-    alphas = model.pipe.scheduler.alphas_cumprod[t.long().cpu()]
-    return (1.0 - alphas).div(alphas).clamp(1.0, cap).float()
 
 
 def _eval_mode(modules):

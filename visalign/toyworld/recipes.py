@@ -194,7 +194,9 @@ def sd_scheduler():
     is ``sqrt(SNR)`` small there), so toy-sd places its object where the initial noise suggests and "on the
     left" is followed at chance level. Measured on toy-sd: the same initial noise gave the same centroid for
     all four position words, with CFG 3 and 10, and with DDPM's linear betas (0.6% signal left at ``t = T``
-    instead of 7%) as well. toy-flow (velocity, shift 3) follows positions. This is room to align.
+    instead of 7%) as well; weighting the loss by ``clamp(1/SNR, 1, 100)`` (an ``x0``-like loss at high noise),
+    with either schedule and trailing timesteps, left the layouts of fixed seeds unchanged after 2,000-3,000
+    steps too. toy-flow (velocity, shift 3, positional embeddings) follows positions.
     """
     from diffusers import DDIMScheduler
 
