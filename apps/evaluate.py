@@ -1,7 +1,8 @@
 """``visalign evaluate``: the base model against its adapters on the same prompts and seeds.
 
 Reports reward scores, shapes-world oracle figures, win rates against the base, drift (saturation, brightness,
-colour entropy), diversity and a pixel-space FD to the base; saves ``report.json`` and a side-by-side ``grid.png``.
+colour entropy), diversity within and across prompts, a pixel-space FD to the base and, with ``--reference DIR``,
+to reference data (e.g. the renders of the shapes world); saves ``report.json`` and a side-by-side ``grid.png``.
 
 ``--experts MANIFEST`` adds timestep-segment experts switched per step as the variant ``experts``;
 ``--experts_alone`` adds one variant per expert active in its own interval only (``experts[NAME]``);
@@ -31,6 +32,9 @@ class EvaluateConfig:
     skip_stride: int = field(1, help="with --experts: also variants that keep every K-th step above --skip_above")
     skip_above: float | None = field(None, help="timestep where skipping starts (default: top of the lowest interval)")
     reward: str | None = field(None, help="reward spec, e.g. 'clip(model=assets/toyworld/toy-clip)'")
+    reference: str | None = field(
+        None, help="folder of reference images or videos (e.g. assets/toyworld/reference/images): fd_to_reference"
+    )
     oracle: bool = field(False, help="add shapes-world oracle figures (shapes-world captions only)")
     n: int = field(64, help="samples per variant (prompts are cycled)")
     seed: int = field(0, help="sample i uses seed + i, the same for every variant")
@@ -89,6 +93,7 @@ def run(cfg: EvaluateConfig) -> dict:
                 )
 
         scorers[cfg.reward] = score
+    reference = read_reference(cfg.reference, model.is_video) if cfg.reference else None
     save_config(cfg, cfg.out)
     report = evaluate_variants(
         model,
@@ -104,6 +109,7 @@ def run(cfg: EvaluateConfig) -> dict:
         width=cfg.width,
         num_frames=cfg.num_frames,
         batch_size=cfg.batch_size,
+        reference=reference,
     )
     if cfg.experts:  # function evaluations per sample of each variant, as it sampled
         from visalign.experts import function_evaluations
@@ -134,6 +140,19 @@ def run(cfg: EvaluateConfig) -> dict:
     print(format_table(report, keys))
     print(f"report: {Path(cfg.out) / 'report.json'}  grid: {Path(cfg.out) / 'grid.png'}")
     return report
+
+
+def read_reference(folder: str, video: bool):
+    """Every image (or video) of ``folder``, in name order, as one tensor (they must share a size)."""
+    import torch
+
+    from apps.score import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_media, read_media
+
+    media = [read_media(f, video) for f in list_media(folder, VIDEO_SUFFIXES if video else IMAGE_SUFFIXES)]
+    shapes = {tuple(m.shape) for m in media}
+    if len(shapes) > 1:
+        raise ConfigError(f"reference media in {folder} differ in size ({sorted(shapes)[:3]}); use one size")
+    return torch.stack(media)
 
 
 def experts_view(model, cfg: EvaluateConfig):

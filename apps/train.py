@@ -1,12 +1,15 @@
-"""``visalign train ALGO [--config F.yaml] [--key value ...]``: run one training algorithm on the shared loop.
+"""``visalign train ALGO [--preset NAME] [--config F.yaml] [--key value ...]``: run one algorithm on the shared loop.
 
 Each algorithm is a ``trainers/`` module with a config dataclass (extending ``TrainConfig``) and a task class
 (``Task(config)``, the loop's protocol). They are listed in :data:`ALGORITHMS` and imported only when chosen, so
 ``visalign train --help`` stays fast. ``visalign train ALGO --help`` lists the options of one algorithm.
+``--preset NAME`` starts from one of the module's named paper presets (its ``PRESETS``); a YAML file and flags
+override it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from typing import NamedTuple
@@ -61,7 +64,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 def usage() -> str:
     width = max(len(name) for name in ALGORITHMS)
-    lines = ["usage: visalign train ALGO [--config FILE.yaml] [--key value ...]", "", "algorithms:"]
+    lines = ["usage: visalign train ALGO [--preset NAME] [--config FILE.yaml] [--key value ...]", "", "algorithms:"]
     lines += [f"  {name:<{width}}  {algo.help}" for name, algo in ALGORITHMS.items()]
     lines += ["", "Run 'visalign train ALGO --help' for the options of one algorithm."]
     return "\n".join(lines)
@@ -76,6 +79,32 @@ def resolve(name: str) -> tuple[type, type]:
     return getattr(module, algo.config), getattr(module, algo.task)
 
 
+def split_preset(name: str, argv: list[str]) -> tuple[dict, list[str]]:
+    """``--preset NAME`` (or ``--preset=NAME``) out of ``argv`` -> (the preset's config values, the rest)."""
+    rest, preset = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--preset":
+            preset = next(args, None)
+            if preset is None:
+                raise ConfigError("--preset needs a name")
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if preset is None:
+        return {}, rest
+    presets = getattr(importlib.import_module(ALGORITHMS[name].module), "PRESETS", {})
+    if preset not in presets:
+        known = ", ".join(sorted(presets)) or "none"
+        raise ConfigError(f"unknown preset {preset!r} for {name}; available: {known}")
+    from visalign.config import explicit_values
+
+    # the preset function validates: give it what the user set (a paper preset leaves e.g. the prompts to them)
+    config_cls = getattr(importlib.import_module(ALGORITHMS[name].module), ALGORITHMS[name].config)
+    return dataclasses.asdict(presets[preset](**explicit_values(config_cls, rest))), rest
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse ``ALGO`` and its options, train, and return the final evaluation results (``{}`` without any)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -86,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
     name, rest = argv[0], argv[1:]
     config_cls, task_cls = resolve(name)
-    config = parse_config(config_cls, rest, prog=f"visalign train {name}", description=ALGORITHMS[name].help)
+    defaults, rest = split_preset(name, rest)
+    config = parse_config(
+        config_cls, rest, prog=f"visalign train {name}", description=ALGORITHMS[name].help, defaults=defaults
+    )
     from trainers.base import Trainer
 
     task = task_cls(config)

@@ -62,3 +62,40 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text()) == {"model": "x", "lr": 1e-4, "steps": 4, "loss": "sigmoid", "lora": None}
     assert parse_config(Demo, ["--config", str(path)]) == cfg
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+
+
+def test_preset_defaults_then_yaml_then_cli(tmp_path):
+    preset = {"model": "from-preset", "lr": 0.5, "steps": 7}
+    cfg = parse_config(Demo, [], defaults=preset)  # a preset fills required fields too
+    assert (cfg.model, cfg.lr, cfg.steps) == ("from-preset", 0.5, 7)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.25}))
+    cfg = parse_config(Demo, ["--config", str(path), "--steps", "3"], defaults=preset)
+    assert (cfg.model, cfg.lr, cfg.steps) == ("from-preset", 0.25, 3)
+
+
+def test_train_preset_flag():
+    from apps.train import split_preset
+    from trainers.grpo import GRPOConfig
+
+    defaults, rest = split_preset("grpo", ["--preset", "toy-flow-clip", "--learning_rate", "1e-4"])
+    cfg = parse_config(GRPOConfig, rest, defaults=defaults)
+    assert cfg.model == "assets/toyworld/toy-flow" and cfg.learning_rate == 1e-4 and cfg.group_size == 8
+    assert split_preset("grpo", ["--preset=toy-flow-clip"])[0]["reward"].startswith("clip(")
+    with pytest.raises(ConfigError, match="unknown preset 'nope' for grpo; available: .*toy-flow-clip"):
+        split_preset("grpo", ["--preset", "nope"])
+    with pytest.raises(ConfigError, match="available: none"):
+        split_preset("drl", ["--preset", "x"])
+    assert split_preset("drl", ["--lr", "1"]) == ({}, ["--lr", "1"])
+
+
+def test_paper_preset_takes_the_users_required_values(tmp_path):
+    from apps.train import split_preset
+    from trainers.grpo import GRPOConfig
+
+    argv = ["--prompts", "p.txt", "--learning_rate", "2e-5"]
+    defaults, rest = split_preset("grpo", ["--preset", "flow-grpo-sd3-pickscore", *argv])
+    cfg = parse_config(GRPOConfig, rest, defaults=defaults)
+    assert cfg.prompts == "p.txt" and cfg.learning_rate == 2e-5 and "stable-diffusion-3" in cfg.model
+    with pytest.raises(ConfigError, match="prompts is required"):
+        split_preset("grpo", ["--preset", "flow-grpo-sd3-pickscore"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ def score_with(reward):
     return score
 
 
+REFERENCE = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "reference" / "images"
+
+
 def test_pairs_put_the_best_first_and_keep_rankings(sd, reward, tmp_path):
     stats = make_pairs(sd, score_with(reward), PROMPTS, tmp_path, per_prompt=3, seed=5, repeats=2, steps=2,
                        height=32, width=32, progress=False)
@@ -65,7 +69,8 @@ def test_evaluate_variants_against_the_base(sd, reward, tmp_path):
     rows = report["variants"]
     assert rows["same"]["win_rate/clip"] == 0.5 and rows["same"]["fd_to_base"] == pytest.approx(0.0, abs=1e-4)
     assert rows["moved"]["fd_to_base"] > 0 and rows["moved"]["reward/clip"] != rows["base"]["reward/clip"]
-    for key in ("saturation", "brightness", "color_entropy", "diversity", "oracle/all/object_rate"):
+    for key in ("saturation", "brightness", "color_entropy", "diversity", "diversity_within_prompt",
+                "oracle/all/object_rate"):
         assert key in rows["base"]
     assert (tmp_path / "grid.png").exists()
     assert json.loads((tmp_path / "report.json").read_text())["base"] == "base"
@@ -80,11 +85,27 @@ def test_evaluate_cli(tiny_pipeline_dir, tmp_path, capsys):
     model.save_lora(tmp_path / "lora")
     rc = main(["evaluate", "--model", str(tiny_pipeline_dir("sd")), "--lora", str(tmp_path / "lora"),
                "--prompts", "a red circle", "--oracle", "--n", "2", "--steps", "2", "--height", "32", "--width",
-               "32", "--out", str(tmp_path / "eval")])
+               "32", "--out", str(tmp_path / "eval"), "--reference", str(REFERENCE)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "base" in out and "lora" in out and "oracle/all/obj" in out
-    assert set(json.loads((tmp_path / "eval" / "report.json").read_text())["variants"]) == {"base", "lora"}
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())["variants"]
+    assert set(rows) == {"base", "lora"}
+    # LoRA B = 0: the same samples, so the same distance to the shapes world's renders (and a positive one)
+    assert rows["base"]["fd_to_reference"] == pytest.approx(rows["lora"]["fd_to_reference"])
+    assert rows["base"]["fd_to_reference"] > 0
+
+
+def test_evaluate_reference_of_mixed_sizes_is_refused(tmp_path):
+    from apps.evaluate import read_reference
+    from visalign.errors import ConfigError
+    from visalign.media import save_image
+
+    save_image(torch.rand(3, 8, 8), tmp_path / "a.png")
+    save_image(torch.rand(3, 16, 16), tmp_path / "b.png")
+    with pytest.raises(ConfigError, match="differ in size"):
+        read_reference(str(tmp_path), video=False)
+    assert read_reference(str(REFERENCE), video=False).shape == (270, 3, 64, 64)
 
 
 def test_evaluate_needs_something_to_measure(tiny_pipeline_dir, tmp_path, capsys):

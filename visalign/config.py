@@ -52,9 +52,15 @@ def load_yaml(path: str | os.PathLike, config_cls: type) -> dict[str, Any]:
 
 
 def parse_config(
-    config_cls: type[T], argv: list[str] | None = None, *, prog: str | None = None, description: str | None = None
+    config_cls: type[T],
+    argv: list[str] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> T:
-    """Build ``config_cls`` from ``--config FILE.yaml`` and ``--key value`` overrides in ``argv``."""
+    """Build ``config_cls`` from ``defaults`` (e.g. a preset), then ``--config FILE.yaml``, then ``--key value``
+    overrides in ``argv`` (each overrides the one before)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config_cls, prog=prog, description=description)
@@ -62,14 +68,32 @@ def parse_config(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
+    data = dict(defaults or {})
     if known.config:
-        data = load_yaml(known.config, config_cls)
+        data.update(load_yaml(known.config, config_cls))
+    if data:
         parser.set_defaults(**data)
         for action in parser._actions:  # values given by the YAML file are no longer required on the CLI
             if action.dest in data:
                 action.required = False
     outputs = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     return outputs[0]
+
+
+def explicit_values(config_cls: type, argv: list[str]) -> dict[str, Any]:
+    """The values ``argv`` sets explicitly (its ``--config`` YAML file, then its flags), typed, unvalidated."""
+    from transformers import HfArgumentParser
+
+    unset = object()
+    parser = HfArgumentParser(config_cls)
+    parser.add_argument("--config", type=str, default=None)
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            action.required, action.default = False, unset
+    namespace, _ = parser.parse_known_args(argv)
+    values = load_yaml(namespace.config, config_cls) if namespace.config else {}
+    values.update({k: v for k, v in vars(namespace).items() if v is not unset and k != "config"})
+    return values
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

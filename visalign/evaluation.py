@@ -190,6 +190,7 @@ def evaluate_variants(
     scorers: dict | None = None,
     oracle: bool = False,
     base: str | None = None,
+    reference: torch.Tensor | None = None,
     **sample_kw,
 ) -> dict:
     """Sample every variant on the same ``(prompt, seed)`` list and compare them.
@@ -199,22 +200,24 @@ def evaluate_variants(
         scorers: name -> ``fn(media, prompts) -> [N] scores`` (reward models).
         oracle: add shapes-world oracle figures.
         base: the variant the others' win rates are against (default: the first).
+        reference: ``[M, 3, H, W]`` (or videos) reference data, e.g. real images: adds ``fd_to_reference``.
 
     Returns:
         ``{"variants": {name: {metric: value}}, "prompts", "seeds"}``; also writes ``report.json`` and
         ``grid.png`` (one row per variant, same seeds per column) to ``out_dir``.
     """
     from .media import image_grid, save_image
-    from .metrics import drift_stats, frechet_distance, pairwise_diversity, win_rate
+    from .metrics import frechet_distance, win_rate
+    from .monitors import drift_report
 
     scorers = scorers or {}
     base = base or next(iter(variants))
     media, scores, report = {}, {}, {}
+    reference_features = thumbnails(reference) if reference is not None else None
     for name, adapter in variants.items():
         model.set_adapters(adapter)
         media[name] = sample_all(model, prompts, seeds, **sample_kw)
-        row = drift_stats(media[name])
-        row["diversity"] = pairwise_diversity(thumbnails(media[name]))
+        row = drift_report(media[name], prompts, reference_features=reference_features)
         scores[name] = {}
         for reward_name, fn in scorers.items():
             s = torch.as_tensor(fn(media[name], prompts)).float().cpu()
