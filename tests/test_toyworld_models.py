@@ -18,10 +18,10 @@ from visalign.toyworld.pretrain import (
     PretrainConfig,
     encode_prompt_trainable,
     lr_at,
-    multi_positive_nce,
     pretrain,
     tokenize,
 )
+from visalign.toyworld.pretrain_clip import multi_positive_nce
 from visalign.toyworld.recipes import build_toy_flow, build_toy_sd, load_toy_clip, toy_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"

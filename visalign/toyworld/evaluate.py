@@ -39,7 +39,7 @@ def hard_negatives(caption: Caption | str) -> dict[str, list[str]]:
 @torch.no_grad()
 def clip_similarity(model, tokenizer, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Cosine similarity ``[N, T]`` of toy-clip image and text embeddings (images ``[N, 3, 64, 64]`` in [0, 1])."""
-    from .pretrain import clip_normalize
+    from .pretrain_clip import clip_normalize
 
     image_features = model.encode_image(clip_normalize(images), normalize=True)
     text_features = model.encode_text(tokenizer(texts), normalize=True)

@@ -12,11 +12,11 @@ Every recipe trains only on **held-in** captions (the renders of held-out combin
   :class:`CollapsedZerosJointAttnProcessor`). Captions are dropped (replaced by ``""``) 10% of the time so
   classifier-free guidance works. AdamW, warm-up then cosine decay, gradient clipping at 1; the weights saved
   are an exponential moving average (EMA) of the trained ones.
-* ``toy-clip``: contrastive, with hard negatives. The caption set is small, so each image is scored against
-  **every** held-in caption: all wrong-colour, wrong-shape and wrong-position captions are negatives in
-  every batch. An image can match several captions (an object at the top left is "on the left", "on the
-  top", and matches the caption without position), so the image-to-text loss is the multi-positive
-  ``-log sum_{true c} softmax(s * cos)_c``; the text-to-image loss is the same over the batch's images.
+* ``toy-clip`` (:mod:`.pretrain_clip`): contrastive, with hard negatives. The caption set is small, so each
+  image is scored against **every** held-in caption: all wrong-colour, wrong-shape and wrong-position
+  captions are negatives in every batch. An image can match several captions (an object at the top left is
+  "on the left", "on the top", and matches the caption without position), so the image-to-text loss is the
+  multi-positive ``-log sum_{true c} softmax(s * cos)_c``; the text-to-image loss is the same over the batch's images.
 
 Outputs (``out``): the model folder itself (a Diffusers pipeline, or the open_clip folder), ``losses.csv``
 (step, loss, learning rate, seconds), ``samples/step_XXXXXX.png`` grids during training, ``samples.png``
@@ -41,14 +41,12 @@ from tqdm.auto import tqdm
 
 from ..config import field
 from ..errors import ConfigError
-from .captions import all_captions, caption_texts, parse_caption
-from .oracle import judge_images, position_holds, summarize
+from .captions import all_captions, caption_texts
+from .oracle import judge_images, summarize
 from .recipes import (
     LATENT_SIZE,
-    build_toy_clip,
     build_toy_flow,
     build_toy_sd,
-    save_toy_clip,
     toy_vae,
 )
 from .render import IMAGE_SIZE, render_images
@@ -524,86 +522,6 @@ def _train_mode(modules):
         m.train()
 
 
-# ----------------------------------------------------------------------------------------------- toy-clip
-def caption_truth(scenes: list, captions: list[str]) -> torch.Tensor:
-    """``[N, C]`` bool: caption ``c`` is true of scene ``n`` (colour, shape and any named position hold)."""
-    parsed = [parse_caption(c) for c in captions]
-    return torch.tensor(
-        [
-            [
-                c.color == s.color
-                and c.shape == s.shape
-                and (c.position is None or position_holds(c.position, s.cx, s.cy))
-                for c in parsed
-            ]
-            for s in scenes
-        ]
-    )
-
-
-def clip_normalize(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, 64, 64]`` in ``[0, 1]`` to toy-clip's input (OpenAI mean/std; already 64 px)."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-def multi_positive_nce(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """``mean_rows(-log sum_{j true} softmax(logits)_j)``; rows without a true entry are skipped.
-
-    Args:
-        logits: ``[N, M]``; truth: ``[N, M]`` bool.
-    """
-    keep = truth.any(dim=1)
-    logits, truth = logits[keep], truth[keep]
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.masked_fill(~truth, float("-inf")).logsumexp(dim=1)).mean()
-
-
-def train_clip(cfg: PretrainConfig, out: Path) -> dict:
-    """Pretrain toy-clip into ``out``; returns the summary written to ``toyworld.json``."""
-    from .evaluate import clip_hard_negative_accuracy
-
-    model, tokenizer = build_toy_clip(cfg.seed)
-    held_in = caption_texts("held_in")
-    text_ids = tokenizer(held_in)
-    params = _trainable([model])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
-    rng = np.random.default_rng((cfg.seed, 6))
-    log = LossLog(out / "losses.csv", cfg.model)
-    bar = tqdm(range(cfg.steps), desc=cfg.model, disable=not cfg.progress)
-    for step in bar:
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        images, scenes = held_in_batch(rng, cfg.batch_size, cfg.seed + 6_000_011, step * cfg.batch_size)
-        truth = caption_truth(scenes, held_in)
-        image_features = model.encode_image(clip_normalize(images), normalize=True)
-        text_features = model.encode_text(text_ids, normalize=True)
-        logits = model.logit_scale.exp() * image_features @ text_features.T
-        # image -> every held-in caption (all hard negatives), and caption -> the batch's images
-        loss = 0.5 * (multi_positive_nce(logits, truth) + multi_positive_nce(logits.T, truth.T))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():  # as CLIP: the temperature is clamped at 100
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.write(step, loss.item(), lr)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    log.close()
-    model.requires_grad_(False)
-    model.eval()
-    save_toy_clip(model, out)
-    report = clip_hard_negative_accuracy(model, tokenizer, n=256, seed=cfg.seed + 7)
-    images, _ = render_images(list(GRID_CAPTIONS), seed=cfg.seed)
-    _save_grid(images, out / "samples.png")
-    return {"hard_negative_accuracy": report}
-
-
 # ----------------------------------------------------------------------------------------------- entry point
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run a recipe; writes the model folder, ``losses.csv``, sample grids and ``toyworld.json`` into ``cfg.out``."""
@@ -618,7 +536,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     save_config(cfg, out, name="pretrain_config.yaml")
     started = time.perf_counter()
-    details = train_clip(cfg, out) if cfg.model == "toy-clip" else train_diffusion(cfg, out)
+    if cfg.model == "toy-clip":
+        from .pretrain_clip import train_clip
+
+        details = train_clip(cfg, out)
+    else:
+        details = train_diffusion(cfg, out)
     info = {
         "model": cfg.model,
         "recipe": asdict(cfg),
