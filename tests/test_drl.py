@@ -7,21 +7,14 @@ import json
 
 import pytest
 import torch
-from tiny import FAMILY_OF, build_tiny_pipeline
+from tiny import tiny_model
 
 from reward_models.discriminator import random_discriminator
 from trainers.base import Trainer
 from trainers.drl import DRL, HEAD_FILE, DRLConfig
 from visalign.config import ConfigError
-from visalign.models import FAMILIES
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle"]
-
-
-def tiny_model(name="sd"):
-    model = FAMILIES[FAMILY_OF[name]](build_tiny_pipeline(name))
-    model.source = f"tiny-{name}"
-    return model
 
 
 @pytest.fixture(scope="module")

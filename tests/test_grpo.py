@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny import FAMILY_OF, VIDEO, build_tiny_pipeline
+from tiny import VIDEO, build_tiny_pipeline, tiny_model
 
 from reward_models import RewardError, RewardOutput, register_reward
 from reward_models.base import Reward, RewardSpec
@@ -67,12 +67,6 @@ def test_rewards():
     yield
     _REGISTRY.pop("test-brightness", None)
     _REGISTRY.pop("test-darkness", None)
-
-
-def tiny_model(name):
-    model = FAMILIES[FAMILY_OF[name]](build_tiny_pipeline(name))
-    model.source = f"tiny-{name}"
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -231,29 +231,33 @@ class DiffusionDPO:
 
     # ----------------------------------------------------------------- evaluation and export
     def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:
-        from visalign.evaluation import evaluate_samples
-
-        cfg = self.config
-        if not cfg.eval_prompts:
+        if not self.config.eval_prompts:
             return {}
         self.model.denoiser.eval()
         try:
-            return evaluate_samples(
-                self.model,
-                cfg.eval_prompts,
-                out_dir,
-                n=cfg.eval_samples,
-                steps=cfg.eval_steps,
-                guidance=cfg.eval_guidance,
-                seed=cfg.seed,
-                oracle=cfg.oracle,
-                resolution=cfg.resolution,
-                num_frames=cfg.num_frames,
-                scorers=self.eval_scorers(),
-            )
+            return self.sample_figures(self.model, out_dir)
         finally:
-            if cfg.full_finetune:
+            if self.config.full_finetune:
                 self.model.denoiser.train()
+
+    def sample_figures(self, model, out_dir: Path) -> dict[str, float]:
+        """Oracle and ``eval_reward`` figures of ``model``'s samples of ``eval_prompts`` (seeded as configured)."""
+        from visalign.evaluation import evaluate_samples
+
+        cfg = self.config
+        return evaluate_samples(
+            model,
+            cfg.eval_prompts,
+            out_dir,
+            n=cfg.eval_samples,
+            steps=cfg.eval_steps,
+            guidance=cfg.eval_guidance,
+            seed=cfg.seed,
+            oracle=cfg.oracle,
+            resolution=cfg.resolution,
+            num_frames=cfg.num_frames,
+            scorers=self.eval_scorers(),
+        )
 
     def eval_scorers(self) -> dict:
         """The evaluation reward (``eval_reward``) as ``{spec: fn(media, prompts) -> [N]}``, built once."""

@@ -99,6 +99,7 @@ class TimestepSegment:
     """Trains the experts one after another on the shared loop; :meth:`train` returns the final evaluation."""
 
     eval_scorers = DiffusionDPO.eval_scorers  # the evaluation reward (``eval_reward``), built as Diffusion-DPO does
+    sample_figures = DiffusionDPO.sample_figures  # and the same evaluation of samples
 
     def __init__(self, config: TimestepSegmentConfig, model=None):
         from visalign.models import load_model
@@ -180,24 +181,9 @@ class TimestepSegment:
 
     def evaluate(self, manifest: Manifest) -> dict[str, float]:
         """Oracle / reward figures of samples with every expert switched in its interval (needs ``eval_prompts``)."""
-        from visalign.evaluation import evaluate_samples
-
-        cfg = self.config
-        if not cfg.eval_prompts:
+        if not self.config.eval_prompts:
             return {}
-        return evaluate_samples(
-            ExpertsView(self.model, manifest),
-            cfg.eval_prompts,
-            self.out / "eval" / "experts",
-            n=cfg.eval_samples,
-            steps=cfg.eval_steps,
-            guidance=cfg.eval_guidance,
-            seed=cfg.seed,
-            oracle=cfg.oracle,
-            resolution=cfg.resolution,
-            num_frames=cfg.num_frames,
-            scorers=self.eval_scorers(),
-        )
+        return self.sample_figures(ExpertsView(self.model, manifest), self.out / "eval" / "experts")
 
     def write_card(self, manifest: Manifest, results: dict[str, float]) -> None:
         cfg = self.config

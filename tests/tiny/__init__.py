@@ -31,3 +31,12 @@ def build_tiny_pipeline(name: str, seed: int = 0):
     if name not in TINY_PIPELINES:
         raise KeyError(f"unknown tiny pipeline {name!r}; known: {sorted(TINY_PIPELINES)}")
     return TINY_PIPELINES[name](seed=seed)
+
+
+def tiny_model(name: str = "sd", seed: int = 0):
+    """A tiny pipeline of ``name`` wrapped in its visalign family (``model.source`` names it for reports)."""
+    from visalign.models import FAMILIES
+
+    model = FAMILIES[FAMILY_OF[name]](build_tiny_pipeline(name, seed=seed))
+    model.source = f"tiny-{name}"
+    return model
