@@ -4,7 +4,9 @@ Each variant (the base weights, a LoRA, or the base with other sampling settings
 noise; the panels show the media (videos as players), the selected rewards' scores and the generation time. A vote
 (left / right / tie / both bad, or the best of N) appends preference pairs to ``--votes`` (``pairs.jsonl`` +
 ``media/``, the schema ``visalign train diffusion-dpo --data`` reads); the tally and win rates per variant update
-at once. The gallery tab browses ``visalign evaluate`` reports found under ``--reports``.
+at once. The gallery tab browses ``visalign evaluate`` reports found under ``--reports``. ``--experts MANIFEST``
+adds timestep-segment experts as one more panel, each expert switched on inside its interval, with one toggle per
+interval (an expert toggled off leaves its interval to the base model).
 
 With no arguments it opens the shapes world: toy-sd against the demo's aligned LoRA (``outputs/demo/lora``).
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from apps.compare_gallery import find_reports, load_report
 from apps.compare_logic import (
     DEFAULT_MODEL,
     DEMO_LORA,
@@ -29,9 +32,7 @@ from apps.compare_logic import (
     Comparison,
     Generation,
     Variant,
-    find_reports,
     format_tally,
-    load_report,
     parse_variant,
     shapes_world_variants,
 )
@@ -66,6 +67,9 @@ class CompareConfig:
         f"(default: base, plus {DEMO_LORA} for the shapes world)",
     )
     lora: list[str] = field([], help="LoRA folders shown beside the base (short for --variant base DIR ...)")
+    experts: str | None = field(
+        None, help="timestep-segment experts.json (or folder): one more panel, with per-interval toggles"
+    )
     reward: list[str] = field([], help="reward specs scored under each panel (shapes world default: oracle, toy-clip)")
     votes: str = field("outputs/compare/votes", help="preference dataset that votes append to")
     reports: str = field("outputs", help="folder the gallery tab searches for evaluate reports")
@@ -106,6 +110,8 @@ def _panel_info(generation: Generation, p: int, label: str) -> str:
     sample = generation.panel(p)
     scores = " · ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in sample.scores.items())
     timing = f"{sample.seconds:.2f} s · {sample.steps} steps · guidance {sample.guidance:g}"
+    if sample.experts is not None:
+        timing += " · experts on: " + (", ".join(sample.experts) or "none (base)")
     return f"**{label}** · {timing}" + (f"\n\n{scores}" if scores else "")
 
 
@@ -147,11 +153,11 @@ def build_app(
         kwargs = dict(label=label, interactive=False, height=320, elem_classes=["panel-media"])
         return gr.Video(autoplay=True, loop=True, **kwargs) if model.is_video else gr.Image(**kwargs)
 
-    def on_generate(prompt, negative, seed, n_steps, scale, rewards):
+    def on_generate(prompt, negative, seed, n_steps, scale, rewards, experts=None):
         try:
             generation = comparison.generate(
                 prompt, int(seed or 0), steps=int(n_steps), guidance=float(scale), negative_prompt=negative,
-                blind=blind, rewards=rewards,
+                blind=blind, rewards=rewards, experts=experts,
             )  # fmt: skip
         except VisalignError as e:
             raise gr.Error(str(e)) from e
@@ -208,6 +214,7 @@ def build_app(
                     scale = gr.Slider(0.0, 20.0, value=guidance, step=0.5, label="Guidance")
                     rewards = gr.CheckboxGroup(list(comparison.rewards), value=list(comparison.rewards),
                                                label="Rewards", visible=bool(comparison.rewards))  # fmt: skip
+                    toggles = _expert_toggles(comparison.experts)
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts")
             run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -231,7 +238,7 @@ def build_app(
                         f"`visalign train diffusion-dpo --data {comparison.writer.dir}`.")  # fmt: skip
             tally = gr.Markdown(tally_markdown(), elem_id="tally")
 
-        run_inputs = [prompt, negative, seed, n_steps, scale, rewards]
+        run_inputs = [prompt, negative, seed, n_steps, scale, rewards] + ([toggles] if toggles else [])
         run_outputs = [state, *media, *infos, status]
         run.click(on_generate, run_inputs, run_outputs, concurrency_id="model")
         prompt.submit(on_generate, run_inputs, run_outputs, concurrency_id="model")
@@ -245,6 +252,15 @@ def build_app(
             _gallery_tab(reports_dir)
     app.queue(default_concurrency_limit=1, max_size=64)
     return app
+
+
+def _expert_toggles(manifest):
+    """One checkbox per timestep-segment expert, labelled with its interval (``None`` without experts)."""
+    if manifest is None:
+        return None
+    choices = [(f"{e.name} · t {e.t_min:g}–{e.t_max:g}", e.name) for e in manifest.experts]
+    return gr.CheckboxGroup(choices, value=manifest.names, elem_id="experts",
+                            label="Experts (each on inside its interval; off: the base model there)")  # fmt: skip
 
 
 def _report_rows_html(report: dict) -> str:
@@ -324,9 +340,11 @@ def resolve(cfg: CompareConfig) -> tuple[list[Variant], list[str], str]:
     else:
         variants = [Variant("base")]
         hint = "Only the base model is shown: add variants with --variant NAME=LORA_DIR (up to 4)."
-    if cfg.variant or cfg.lora:
+    if cfg.variant or cfg.lora or cfg.experts:
         variants = [parse_variant(spec) for spec in cfg.variant] or [Variant("base")]
         variants, hint = variants + [parse_variant(path) for path in cfg.lora], ""
+        if cfg.experts:
+            variants.append(Variant("experts", experts=cfg.experts))
     rewards = list(cfg.reward)
     if not rewards and shapes_world:
         rewards = ["oracle"]

@@ -5,7 +5,9 @@
   (adapters are switched on the shared model, so two users must never interleave);
 * scoring with the selected rewards; votes written as preference pairs in the schema ``visalign train
   diffusion-dpo`` reads; tallies and win rates per variant from the votes on disk;
-* the gallery: evaluate reports (``report.json`` + ``grid.png``) found under one folder, one row per variant.
+* timestep-segment experts as one more variant, switched per step, with per-interval toggles.
+
+The gallery of evaluate reports is in :mod:`apps.compare_gallery`.
 
 :class:`Comparison` bundles the model, its variants, the rewards and the vote writer for the app.
 """
@@ -31,20 +33,20 @@ VOTE_KINDS = ("best", "tie", "bad")  # one variant is best / no preference / all
 DEFAULT_MODEL = "assets/toyworld/toy-sd"
 DEMO_LORA = "outputs/demo/lora"
 TOY_CLIP = "assets/toyworld/toy-clip"
-MAX_REPORTS = 200
-REPORT_DEPTH = 4  # how deep under the reports folder to look (outputs/ also holds caches of many small files)
 
 
 # ----------------------------------------------------------------------------------------------- variants
 @dataclass(frozen=True)
 class Variant:
-    """One column of the comparison: the base weights or a LoRA, with optional sampling overrides.
+    """One column of the comparison: the base weights, a LoRA or timestep-segment experts, with optional sampling
+    overrides.
 
     Attributes:
         name: shown above the panel and written to each vote row.
         lora: LoRA folder or ``.safetensors`` file (Diffusers format); ``None``: the base weights.
+        experts: a timestep-segment ``experts.json`` (or its folder): each expert switched on inside its interval.
         steps, guidance: override the sampling settings chosen in the app for this variant only.
-        adapter: the adapter name once the LoRA is loaded on the model (set by :func:`load_variants`).
+        adapter: the adapter (or experts plan) name once loaded on the model (set by :func:`load_variants`).
     """
 
     name: str
@@ -52,10 +54,11 @@ class Variant:
     steps: int | None = None
     guidance: float | None = None
     adapter: str | None = None
+    experts: str | None = None
 
     @property
     def source(self) -> str:
-        return self.lora or "base"
+        return self.lora or (f"experts:{self.experts}" if self.experts else "base")
 
     def describe(self) -> str:
         overrides = [f"{k} {v:g}" for k, v in (("steps", self.steps), ("guidance", self.guidance)) if v is not None]
@@ -71,9 +74,10 @@ def _default_name(source: str) -> str:
 
 
 def parse_variant(spec: str) -> Variant:
-    """Parse ``[NAME=]SOURCE[,steps=N][,guidance=G]``; SOURCE is ``base`` or a LoRA folder/file.
+    """Parse ``[NAME=]SOURCE[,steps=N][,guidance=G]``; SOURCE is ``base``, a LoRA folder/file or
+    ``experts:MANIFEST`` (timestep-segment experts).
 
-    ``"base"``, ``"dpo=outputs/demo/lora"``, ``"strong=base,guidance=9"``.
+    ``"base"``, ``"dpo=outputs/demo/lora"``, ``"strong=base,guidance=9"``, ``"experts:outputs/tseg"``.
     """
     head, *options = [part.strip() for part in spec.split(",")]
     name, _, source = head.rpartition("=")
@@ -90,11 +94,17 @@ def parse_variant(spec: str) -> Variant:
             raise ConfigError(f"variant {spec!r}: {key} must be a number, got {value!r}") from e
     if values.get("steps") is not None and values["steps"] < 1:
         raise ConfigError(f"variant {spec!r}: steps must be >= 1")
+    if source.startswith("experts:"):
+        manifest = source.removeprefix("experts:")
+        return Variant(name=name or "experts", experts=manifest, **values)
     return Variant(name=name or _default_name(source), lora=None if source == "base" else source, **values)
 
 
 def load_variants(model, variants: Sequence[Variant]) -> list[Variant]:
     """Check 1..4 uniquely named variants and load each LoRA on ``model`` as its own adapter.
+
+    An experts variant is not loaded here (:class:`Comparison` loads its manifest and samples through an
+    :class:`~visalign.experts.ExpertsView`); its ``adapter`` is its name, the view's plan. At most one per app.
 
     Returns:
         The variants with ``adapter`` set (``None`` for the base weights).
@@ -105,9 +115,11 @@ def load_variants(model, variants: Sequence[Variant]) -> list[Variant]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"variant names must differ; {duplicates[0]!r} is used twice (name them: NAME=SOURCE)")
+    if sum(v.experts is not None for v in variants) > 1:
+        raise ConfigError("compare shows one set of timestep-segment experts; toggle its intervals in the app")
     loaded = []
     for i, variant in enumerate(variants):
-        adapter = None
+        adapter = variant.name if variant.experts is not None else None
         if variant.lora is not None:
             if not Path(variant.lora).exists():
                 raise ConfigError(f"variant {variant.name!r}: LoRA not found: {variant.lora}")
@@ -200,6 +212,7 @@ class Sample:
     steps: int
     guidance: float
     scores: dict[str, float | None] = field(default_factory=dict)
+    experts: list[str] | None = None  # an experts variant: the experts that were switched on
 
 
 @dataclass
@@ -239,12 +252,14 @@ def generate_variants(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
+    experts: Sequence[str] | None = None,
 ) -> list[tuple[torch.Tensor, float, int, float]]:
     """Sample every variant on the same ``(prompt, seed)`` list in one batch each.
 
     Every variant starts from the same initial noise per seed (:func:`visalign.evaluation.generate`), so the
     panels differ only by the weights and settings. ``lock`` is held for the whole call: adapters are switched on
-    the one shared model.
+    the one shared model. ``experts``: the timestep-segment experts an experts variant may switch on (the
+    per-interval toggles; ``None``: all), when ``model`` is an :class:`~visalign.experts.ExpertsView`.
 
     Returns:
         Per variant: ``(media [N, 3, H, W] or [N, F, 3, H, W], seconds, steps, guidance)``.
@@ -253,6 +268,12 @@ def generate_variants(
 
     out = []
     with lock:
+        if experts is not None:
+            from visalign.experts import SwitchPlan
+
+            for variant in variants:
+                if variant.experts is not None:
+                    model.plans[variant.adapter] = SwitchPlan(enabled=frozenset(experts))
         for variant in variants:
             v_steps, v_guidance = sampling_settings(model, variant, steps, guidance)
             model.set_adapters(variant.adapter)
@@ -345,6 +366,8 @@ def record_vote(
             "rejected_guidance": rejected.guidance,
             **{f"chosen_score/{k}": v for k, v in chosen.scores.items()},
             **{f"rejected_score/{k}": v for k, v in rejected.scores.items()},
+            **({"chosen_experts": chosen.experts} if chosen.experts is not None else {}),
+            **({"rejected_experts": rejected.experts} if rejected.experts is not None else {}),
             "model": model,
             "session": session,
             "time": now,
@@ -414,12 +437,16 @@ class Comparison:
 
     Args:
         model: a :class:`visalign.models.DiffusionModel`.
-        variants: 1..4 variants (LoRAs are loaded here).
+        variants: 1..4 variants (LoRAs and experts are loaded here).
         votes_dir: the preference dataset votes append to (``pairs.jsonl`` + ``media/``).
         rewards: label -> reward (``reward(media, prompts) -> RewardOutput``), scored under each panel.
         model_name: recorded in each vote row (default: ``model.source``).
         height, width, num_frames: output size (default: the model's).
         reward_device: where media go for scoring.
+
+    Attributes:
+        experts: the experts variant's :class:`~visalign.experts.Manifest` (``None``: no experts variant); then
+            ``model`` is an :class:`~visalign.experts.ExpertsView` of the given model.
     """
 
     def __init__(
@@ -437,10 +464,17 @@ class Comparison:
     ):
         from visalign.data import PreferenceWriter
 
-        self.model = model
         self.rewards = dict(rewards or {})
         check_rewards(self.rewards, model.is_video)
         self.variants = load_variants(model, variants)
+        self.experts = None
+        spec = next((v for v in self.variants if v.experts is not None), None)
+        if spec is not None:
+            from visalign.experts import ExpertsView, SwitchPlan, load_experts
+
+            self.experts = load_experts(model, spec.experts)
+            model = ExpertsView(model, self.experts, {spec.adapter: SwitchPlan()})
+        self.model = model
         self.writer = PreferenceWriter(votes_dir)
         self.model_name = model_name or str(model.source)
         self.size = {"height": height, "width": width, "num_frames": num_frames}
@@ -461,14 +495,22 @@ class Comparison:
         negative_prompt: str | None = None,
         blind: bool = False,
         rewards: Sequence[str] | None = None,
+        experts: Sequence[str] | None = None,
     ) -> Generation:
         """Every variant on ``prompt`` with ``seed``, scored by ``rewards`` (labels; default all); panels shuffled
-        when ``blind``."""
+        when ``blind``; ``experts``: which timestep-segment experts the experts variant switches on (default all;
+        empty: none, the base model)."""
         if not prompt.strip():
             raise ConfigError("enter a prompt")
         unknown = sorted(set(rewards or ()) - set(self.rewards))
         if unknown:
             raise ConfigError(f"unknown reward {unknown[0]!r}; loaded: {', '.join(self.rewards) or 'none'}")
+        enabled = None
+        if self.experts is not None:
+            enabled = list(self.experts.names if experts is None else experts)
+            unknown = sorted(set(enabled) - set(self.experts.names))
+            if unknown:
+                raise ConfigError(f"unknown expert {unknown[0]!r}; the experts are {', '.join(self.experts.names)}")
         selected = {k: r for k, r in self.rewards.items() if rewards is None or k in rewards}
         negative_prompt = negative_prompt or None
         outputs = generate_variants(
@@ -480,15 +522,16 @@ class Comparison:
             steps=steps,
             guidance=guidance,
             negative_prompt=negative_prompt,
+            experts=enabled,
             **self.size,
         )
         samples = []
         for variant, (media, seconds, v_steps, v_guidance) in zip(self.variants, outputs):
             with self.lock:  # rewards keep text-embedding caches: one user at a time
                 scores = score_media(selected, media, [prompt], self.reward_device)
-            samples.append(
-                Sample(variant.name, media[0], seconds, v_steps, v_guidance, {k: v[0] for k, v in scores.items()})
-            )
+            on = enabled if variant.experts is not None else None
+            first = {k: v[0] for k, v in scores.items()}
+            samples.append(Sample(variant.name, media[0], seconds, v_steps, v_guidance, first, experts=on))
         return Generation(prompt, int(seed), negative_prompt, samples, panel_order(len(samples), blind))
 
     def vote(self, generation: Generation, kind: str, panel: int | None = None, session: str = "") -> list[dict]:
@@ -498,68 +541,3 @@ class Comparison:
         """Tallies of this model's votes on disk (every session, earlier runs too) and the number of votes."""
         rows = read_votes(self.writer.file, self.model_name)
         return tally_votes(rows, self.names), len({r["vote_id"] for r in rows})
-
-
-# ----------------------------------------------------------------------------------------------- gallery
-def find_reports(root: str | os.PathLike, limit: int = MAX_REPORTS) -> list[str]:
-    """Folders under ``root`` holding an evaluate report (``report.json`` with ``variants`` and ``grid.png``),
-    as paths relative to ``root``, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    candidates = sorted(p for depth in range(REPORT_DEPTH + 1) for p in root.glob("*/" * depth + "report.json"))
-    for report in candidates:
-        if not (report.parent / "grid.png").is_file():
-            continue
-        try:
-            data = json.loads(report.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("variants"), dict):
-            found.append(str(report.parent.relative_to(root)))
-            if len(found) >= limit:
-                break
-    return found
-
-
-def split_grid_rows(grid: torch.Tensor, n_rows: int, padding: int = 2) -> list[torch.Tensor]:
-    """Cut a :func:`visalign.media.image_grid` image ``[3, H', W']`` into its ``n_rows`` rows ``[3, h, W']``."""
-    cell = (grid.shape[-2] - padding) // n_rows  # each row: the image plus one padding band
-    return [grid[:, r * cell + padding : (r + 1) * cell, :] for r in range(n_rows)]
-
-
-def load_report(root: str | os.PathLike, name: str) -> dict:
-    """An evaluate report under ``root`` for the gallery: metric table and one grid row per variant.
-
-    Returns:
-        ``{"headers": [...], "rows": [[variant, values...]], "variants": [...], "panels": [image [3, h, W] per
-        variant], "prompts": [...], "seeds": [...], "base": str}``: ``panels`` are the rows of ``grid.png``
-        (samples of the first ``min(8, len(prompts))`` prompts).
-
-    Raises:
-        ConfigError: ``name`` leads outside ``root`` or is not a report.
-    """
-    from visalign.data import load_image
-
-    root = Path(root).resolve()
-    folder = (root / name).resolve()
-    if not folder.is_relative_to(root) or not (folder / "report.json").is_file():
-        raise ConfigError(f"no evaluate report {name!r} under {root}")
-    report = json.loads((folder / "report.json").read_text())
-    variants: dict[str, dict] = report["variants"]
-    keys = sorted({k for row in variants.values() for k in row})
-    rows = [[v] + [round(row[k], 4) if isinstance(row.get(k), (int, float)) else None for k in keys]
-            for v, row in variants.items()]  # fmt: skip
-    grid = load_image(folder / "grid.png")
-    ncol = min(len(report.get("prompts", [])), 8)
-    prompts = report.get("prompts", [])[:ncol]
-    return {
-        "headers": ["variant", *keys],
-        "rows": rows,
-        "variants": list(variants),
-        "panels": split_grid_rows(grid, len(variants)),
-        "prompts": prompts,
-        "seeds": report.get("seeds", [])[:ncol],
-        "base": report.get("base"),
-    }

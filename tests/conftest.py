@@ -38,3 +38,26 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def segment_data(tmp_path_factory):
+    """Two tiny preference datasets (early, late) for timestep-segment experts."""
+    from tiny.segment import write_pairs
+
+    root = tmp_path_factory.mktemp("segment-pairs")
+    return [str(write_pairs(root / "early", 0)), str(write_pairs(root / "late", 1))]
+
+
+@pytest.fixture(scope="session")
+def trained_experts(tiny_pipeline_dir, segment_data, tmp_path_factory):
+    """``visalign train timestep-segment`` on the tiny SD pipeline: experts ``early`` / ``late``, two steps each;
+    the run folder (experts in ``final/``)."""
+    from tiny.segment import cli_args, segment_args
+
+    from apps.cli import main
+
+    out = tmp_path_factory.mktemp("segment") / "run"
+    args = cli_args(segment_args(tiny_pipeline_dir("sd"), segment_data, out))
+    assert main(["train", "timestep-segment", *args]) == 0
+    return out

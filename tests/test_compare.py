@@ -18,20 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from apps.compare_gallery import find_reports, load_report, split_grid_rows
 from apps.compare_logic import (
     Comparison,
     Generation,
     Sample,
     Variant,
-    find_reports,
     format_tally,
-    load_report,
     load_variants,
     parse_variant,
     read_votes,
     record_vote,
     shapes_world_variants,
-    split_grid_rows,
     tally_votes,
     vote_pairs,
 )
@@ -84,6 +82,8 @@ def fake_generation(seed: int, n: int = 2, video: bool = False) -> Generation:
     ("outputs/demo/lora", Variant("demo/lora", lora="outputs/demo/lora")),
     ("runs/my-lora", Variant("my-lora", lora="runs/my-lora")),
     ("strong=base,guidance=9,steps=4", Variant("strong", guidance=9.0, steps=4)),
+    ("experts:runs/tseg/final", Variant("experts", experts="runs/tseg/final")),
+    ("fast=experts:runs/tseg,steps=8", Variant("fast", experts="runs/tseg", steps=8)),
 ])  # fmt: skip
 def test_parse_variant(spec, expected):
     assert parse_variant(spec) == expected
@@ -107,6 +107,8 @@ def test_load_variants_checks_before_loading(tmp_path):
         load_variants(None, [Variant("a"), Variant("a", lora="x")])
     with pytest.raises(ConfigError, match="LoRA not found"):
         load_variants(None, [Variant("base"), Variant("dpo", lora=str(tmp_path / "missing"))])
+    with pytest.raises(ConfigError, match="one set of timestep-segment experts"):
+        load_variants(None, [Variant("a", experts="x"), Variant("b", experts="y")])
 
 
 def test_vote_pairs():
@@ -212,6 +214,31 @@ def test_concurrent_users_get_their_own_results(tiny_pipeline_dir, lora_dir, tmp
     for a, b in zip(alone, together):
         assert (a.prompt, a.seed) == (b.prompt, b.seed)
         assert all(torch.equal(x.media, y.media) for x, y in zip(a.samples, b.samples))
+
+
+def test_experts_variant_switches_per_interval_with_toggles(tiny_pipeline_dir, trained_experts, tmp_path):
+    from visalign.experts import ExpertsView
+
+    variants = [Variant("base"), Variant("experts", experts=str(trained_experts / "final"))]
+    comp = comparison(tiny_pipeline_dir, tmp_path / "votes", variants)
+    assert isinstance(comp.model, ExpertsView) and comp.experts.names == ["early", "late"]
+    kw = dict(steps=STEPS, guidance=3.0)
+    every = comp.generate("a red circle", 3, **kw)
+    assert every.samples[1].experts == ["early", "late"] and every.samples[0].experts is None
+    assert not torch.allclose(every.samples[1].media, every.samples[0].media, atol=1e-4)
+    # both intervals toggled off: the experts panel is the base model, exactly
+    off = comp.generate("a red circle", 3, experts=[], **kw)
+    torch.testing.assert_close(off.samples[1].media, off.samples[0].media, rtol=0, atol=0)
+    assert off.samples[1].experts == [] and comp.model.last_active == [None] * STEPS
+    # one toggle: that expert only inside its interval, the base elsewhere
+    late = comp.generate("a red circle", 3, experts=["late"], **kw)
+    assert set(comp.model.last_active) == {None, "late"} and comp.model.last_active[-1] == "late"
+    assert not torch.equal(late.samples[1].media, every.samples[1].media)
+    assert torch.equal(comp.generate("a red circle", 3, **kw).samples[1].media, every.samples[1].media)  # reset
+    with pytest.raises(ConfigError, match="unknown expert 'layout'"):
+        comp.generate("a red circle", 3, experts=["layout"], **kw)
+    row = comp.vote(late, "best", 1)[0]
+    assert (row["chosen_variant"], row["chosen_experts"], "rejected_experts" in row) == ("experts", ["late"], False)
 
 
 def test_video_variants(tiny_pipeline_dir, tmp_path):
@@ -376,3 +403,31 @@ def test_app_in_a_real_browser(tiny_pipeline_dir, lora_dir, tmp_path):
     finally:
         app.close()
     assert threading.active_count() < 50
+
+
+def test_expert_toggles_in_a_real_browser(tiny_pipeline_dir, trained_experts, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from apps.compare import CHROMIUM_ARGS, PANELS_LOADED, build_app, serve
+
+    variants = [Variant("base"), Variant("experts", experts=str(trained_experts / "final"))]
+    comp = comparison(tiny_pipeline_dir, tmp_path / "votes", variants)
+    app = build_app(comp, steps=STEPS, guidance=3.0, serve_dir=tmp_path / "served")
+    port = free_port()
+    serve(app, port=port, block=False)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}", wait_until="load")
+            toggles = page.locator("#experts")
+            assert "early · t 500–1000" in toggles.inner_text() and "late · t 0–500" in toggles.inner_text()
+            toggles.get_by_label("early · t 500–1000").uncheck()
+            page.locator("#prompt textarea").fill("a blue square")
+            page.locator("#generate").click()
+            page.locator("#info-1").get_by_text("experts on: late").wait_for(timeout=30_000)
+            page.wait_for_function(PANELS_LOADED, timeout=30_000)
+            page.screenshot(path=str(ROOT / "test-artifacts" / "compare-experts.png"), full_page=True)
+            browser.close()
+        assert comp.model.last_active[0] is None and comp.model.last_active[-1] == "late"
+    finally:
+        app.close()

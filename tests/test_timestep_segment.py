@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from tiny.segment import PROMPTS, segment_args
 
 from trainers.base import Trainer
 from trainers.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from trainers.timestep_segment import TimestepSegment, TimestepSegmentConfig
 from visalign.config import ConfigError
-from visalign.data import PreferenceWriter
 from visalign.experts import (
     Expert,
     ExpertsError,
@@ -28,48 +28,15 @@ from visalign.experts import (
 )
 from visalign.models import load_model
 
-PROMPTS = ["a red circle on the left", "a blue square"]
-INTERVALS = ["500:1000", "0:500"]  # early (high noise) then late
+
+@pytest.fixture
+def data(segment_data):
+    return segment_data
 
 
-def write_pairs(path, seed):
-    writer = PreferenceWriter(path)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(4):
-        writer.append(PROMPTS[i % 2], torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("segment-pairs")
-    return [str(write_pairs(root / "early", 0)), str(write_pairs(root / "late", 1))]
-
-
-def segment_args(model_dir, data, out, **kw):
-    values = dict(model=str(model_dir), data=list(data), intervals=list(INTERVALS), expert_names=["early", "late"],
-                  output_dir=str(out), max_steps=2, batch_size=2, learning_rate=5e-2, lora_rank=4, resolution=32,
-                  report_to="none", progress=False, cache_dir=str(out.parent / "cache"), lr_scheduler="constant",
-                  checkpoint_every=1)  # fmt: skip
-    values.update(kw)
-    return values
-
-
-def cli_args(values):
-    args = []
-    for key, value in values.items():
-        args += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
-    return args
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_pipeline_dir, data, tmp_path_factory):
-    """``visalign train timestep-segment`` on the tiny SD pipeline: two experts, two steps each."""
-    from apps.cli import main
-
-    out = tmp_path_factory.mktemp("segment") / "run"
-    assert main(["train", "timestep-segment", *cli_args(segment_args(tiny_pipeline_dir("sd"), data, out))]) == 0
-    return out
+@pytest.fixture
+def trained(trained_experts):
+    return trained_experts
 
 
 def lora_layer(denoiser):

@@ -108,6 +108,10 @@ class PretrainConfig:
     train_images: int = field(20000, help="renders in the latent cache the denoiser trains on")
     stats_images: int = field(2048, help="renders whose latents set the VAE's scaling (and shift) factor")
     check_images: int = field(256, help="renders whose VAE reconstructions the oracle checks (0: skip)")
+    prediction: Literal["epsilon", "v_prediction"] = field(
+        "epsilon", help="toy-sd's prediction target (v_prediction with --zero_snr: Lin et al. 2024)"
+    )
+    zero_snr: bool = field(False, help="toy-sd: rescale the betas to zero terminal SNR, trailing timesteps")
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (for CFG)")
     ema_decay: float = field(0.999, help="EMA decay of the saved weights (0 disables EMA)")
     sample_every: int = field(1000, help="save a sample grid every N steps (0: only at the end)")
@@ -441,7 +445,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
         # SD pipelines only scale (no shift): the scale is taken around zero, as SD's 0.18215 was
         rms = math.sqrt(std**2 + mean**2)
         vae.register_to_config(scaling_factor=1.0 / rms, shift_factor=None)
-        pipe = build_toy_sd(seed, vae=vae)
+        pipe = build_toy_sd(seed, vae=vae, prediction_type=cfg.prediction, zero_snr=cfg.zero_snr)
         model = StableDiffusion(pipe)
         trainable = [pipe.unet, pipe.text_encoder]
     model.default_resolution = IMAGE_SIZE

@@ -186,7 +186,7 @@ def toy_transformer(seed: int = 0):
     )
 
 
-def sd_scheduler():
+def sd_scheduler(prediction_type: str = "epsilon", zero_snr: bool = False):
     """DDIM on Stable Diffusion's scaled-linear betas, epsilon-prediction, as SD1.5 ships.
 
     A property of this parameterisation that the toy world makes visible: an epsilon-prediction model barely
@@ -208,7 +208,9 @@ def sd_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+        timestep_spacing="trailing" if zero_snr else "leading",
     )
 
 
@@ -223,7 +225,7 @@ def flow_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def build_toy_sd(seed: int = 0, vae=None):
+def build_toy_sd(seed: int = 0, vae=None, prediction_type: str = "epsilon", zero_snr: bool = False):
     """A randomly initialised toy-sd ``StableDiffusionPipeline`` (``vae``: reuse a trained one)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
@@ -235,7 +237,7 @@ def build_toy_sd(seed: int = 0, vae=None):
         text_encoder=text_encoder,
         tokenizer=toy_tokenizer(),
         unet=toy_unet(seed),
-        scheduler=sd_scheduler(),
+        scheduler=sd_scheduler(prediction_type, zero_snr),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
