@@ -7,6 +7,7 @@ to reference data (e.g. the renders of the shapes world); saves ``report.json`` 
 ``--experts MANIFEST`` adds timestep-segment experts switched per step as the variant ``experts``;
 ``--experts_alone`` adds one variant per expert active in its own interval only (``experts[NAME]``);
 ``--skip_stride K`` adds ``experts-skipK`` and ``base-skipK`` (early steps thinned, see ``visalign generate``).
+``--guide SPEC ...`` adds ``nrg``: the base with reward guidance at inference (Flow-NRG, :mod:`visalign.guidance`).
 Every variant reports its function evaluations per sample (``nfe``).
 """
 
@@ -28,6 +29,9 @@ class EvaluateConfig:
     out: str = field(help="output folder for report.json and grid.png")
     lora: list[str] = field([], help="LoRA folders to compare with the base (repeat the flag or space-separate)")
     experts: str | None = field(None, help="timestep-segment experts.json (or folder): variant 'experts'")
+    guide: list[str] = field([], help="reward guidance (Flow-NRG): variant 'nrg' steered by these differentiable rewards")
+    guide_weight: list[float] = field([1.0], help="weight of each --guide reward (one for all, or one per reward)")
+    guide_end: float = field(1.0, help="guide the first fraction of the steps only (1: every step)")
     experts_alone: bool = field(False, help="with --experts: also each expert alone in its interval")
     skip_stride: int = field(1, help="with --experts: also variants that keep every K-th step above --skip_above")
     skip_above: float | None = field(None, help="timestep where skipping starts (default: top of the lowest interval)")
@@ -50,8 +54,10 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
-        if not self.reward and not self.oracle and not self.lora and not self.experts:
-            raise ConfigError("nothing to measure: pass --reward SPEC, --oracle, --lora or --experts to compare")
+        if not self.reward and not self.oracle and not self.lora and not self.experts and not self.guide:
+            raise ConfigError("nothing to measure: pass --reward SPEC, --oracle, --lora, --experts or --guide")
+        if self.guide and self.experts:
+            raise ConfigError("pass --guide or --experts, not both")
         if self.skip_stride < 1:
             raise ConfigError(f"skip_stride must be >= 1, got {self.skip_stride}")
         if (self.experts_alone or self.skip_stride > 1 or self.skip_above is not None) and not self.experts:
@@ -77,6 +83,11 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.experts:
         model, expert_variants = experts_view(model, cfg)
         variants.update(expert_variants)
+    if cfg.guide:
+        from visalign.guidance import GuidedView, build_guidance_rewards
+
+        model = GuidedView(model, build_guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
+        variants["nrg"] = "nrg"
     scorers = {}
     if cfg.reward:
         from reward_models import build_reward

@@ -4,7 +4,8 @@ Every sample has its own seed (``seed + index``), so any single output can be re
 batch size. Outputs: ``OUT/00000.png`` (or ``.mp4``/``.gif``), ``OUT/metadata.jsonl``, ``OUT/config.yaml``.
 With ``--experts MANIFEST`` (timestep-segment experts) the expert of each step's interval is switched on before
 the step; ``--skip_stride K`` thins the steps above the lowest expert's interval (or ``--skip_above T``) to every
-K-th one, and the metadata records the function evaluations per sample (``nfe``).
+K-th one, and the metadata records the function evaluations per sample (``nfe``). ``--guide SPEC ...`` steers
+every step toward higher reward (Flow-NRG, :mod:`visalign.guidance`) with ``--guide_weight`` per reward.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class GenerateConfig:
     experts: str | None = field(None, help="timestep-segment experts: experts.json (or its folder), switched per step")
     skip_stride: int = field(1, help="with --experts: keep every K-th step above --skip_above (1: no skipping)")
     skip_above: float | None = field(None, help="timestep where skipping starts (default: top of the lowest interval)")
+    guide: list[str] = field([], help="reward guidance (Flow-NRG): differentiable reward specs steering each step")
+    guide_weight: list[float] = field([1.0], help="weight of each --guide reward (one for all, or one per reward)")
+    guide_end: float = field(1.0, help="guide the first fraction of the steps only (1: every step)")
     seed: int = field(0, help="seed of the first sample; sample i uses seed + i")
     num_per_prompt: int = field(1, help="samples per prompt")
     steps: int | None = field(None, help="sampling steps (default: the family's)")
@@ -53,6 +57,8 @@ class GenerateConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.lora and self.experts:
             raise ConfigError("pass --lora or --experts, not both")
+        if self.guide and self.experts:
+            raise ConfigError("pass --guide or --experts, not both")
         if self.skip_stride < 1:
             raise ConfigError(f"skip_stride must be >= 1, got {self.skip_stride}")
         if (self.skip_stride > 1 or self.skip_above is not None) and not self.experts:
@@ -81,7 +87,8 @@ def run(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    model = load_model(cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype, attention=cfg.attention)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
     if cfg.lora:
         model.load_lora(cfg.lora)
     if cfg.experts:
@@ -89,6 +96,10 @@ def run(cfg: GenerateConfig) -> Path:
 
         plan = SwitchPlan(stride=cfg.skip_stride, skip_above=cfg.skip_above)
         model = ExpertsView(model, load_experts(model, cfg.experts), {"experts": plan})
+    if cfg.guide:
+        from visalign.guidance import GuidedView, build_guidance_rewards
+
+        model = GuidedView(model, build_guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
     expanded = [p for p in prompts for _ in range(cfg.num_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(expanded))]
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +135,8 @@ def run(cfg: GenerateConfig) -> Path:
                     if cfg.experts
                     else {}
                 ),
+                **({"guide": cfg.guide, "guide_weight": cfg.guide_weight, "guide_end": cfg.guide_end}
+                   if cfg.guide else {}),  # fmt: skip
                 "steps": cfg.steps or model.default_steps,
                 "guidance": model.default_guidance if cfg.guidance is None else cfg.guidance,
                 "negative_prompt": cfg.negative_prompt,

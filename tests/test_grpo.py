@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 from tiny import VIDEO, build_tiny_pipeline, tiny_model
+from tiny.rewards import Brightness
 
 from reward_models import RewardError, RewardOutput, register_reward
-from reward_models.base import Reward, RewardSpec
+from reward_models.base import RewardSpec
 from reward_models.remote import RemoteReward
 from reward_models.serving import RewardServer
 from trainers.base import Trainer, TrainingError
@@ -30,17 +31,6 @@ from visalign.models import FAMILIES
 
 FAMILIES_UNDER_TEST = ["sd", "sdxl", "sd3", "flux", "wan", "cogvideox"]
 PROMPTS = ["a red circle", "a blue square", "a green triangle on the left"]
-
-
-class Brightness(Reward):
-    """Mean luma: a reward any sample can hack by brightening (images and videos)."""
-
-    def __init__(self, sign: float = 1.0, name: str = "brightness"):
-        super().__init__(RewardSpec(name, modalities=("image", "video"), needs_prompt=False, differentiable=False))
-        self.sign = sign
-
-    def score_batch(self, media, prompts):
-        return self.sign * brightness(media)
 
 
 class Faulty(Brightness):

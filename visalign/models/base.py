@@ -248,6 +248,7 @@ class DiffusionModel:
         progress: bool = False,
         step_callback=None,
         grad: bool = False,
+        output_hook=None,
     ) -> SampleOutput:
         """Generate from ``prompts``; with ``sde`` the sampler is stochastic and log-probs are returned.
 
@@ -259,9 +260,13 @@ class DiffusionModel:
 
         The deterministic path (``sde=None``) uses the pipeline's own scheduler, so it reproduces the
         Diffusers pipeline given the same initial latents. ``step_callback(model, index, t)`` runs before
-        each step (used to switch adapters per timestep). Sampling runs without autograd unless ``grad`` (for
-        reward guidance or backpropagation through the sampler).
+        each step (used to switch adapters per timestep). ``output_hook(model, scheduler, index, latents, out)``
+        may replace the guided prediction before the scheduler steps (reward guidance,
+        :mod:`visalign.guidance`; deterministic sampling only). Sampling runs without autograd unless ``grad``
+        (for backpropagation through the sampler).
         """
+        if output_hook is not None and sde is not None:
+            raise ValueError("output_hook applies to deterministic sampling; pass sde=None")
         with torch.set_grad_enabled(grad):
             return self._sample(
                 prompts,
@@ -280,6 +285,7 @@ class DiffusionModel:
                 decode=decode,
                 progress=progress,
                 step_callback=step_callback,
+                output_hook=output_hook,
             )
 
     def _sample(
@@ -301,6 +307,7 @@ class DiffusionModel:
         decode,
         progress,
         step_callback,
+        output_hook=None,
     ) -> SampleOutput:
         steps = steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
@@ -325,6 +332,8 @@ class DiffusionModel:
                 t_batch = t.expand(latents.shape[0]).to(self.device)
                 x_in = self.scale_model_input(scheduler, latents, t)
                 out = self.guided_predict(x_in, t_batch, cond, uncond, guidance)
+                if output_hook is not None:
+                    out = output_hook(self, scheduler, i, latents, out)
                 latents = self.scheduler_step(scheduler, out, t, latents, generator)
             else:
                 step = self.sde_step(scheduler, i, latents, cond, uncond, guidance, samplers[i], generator=generator)

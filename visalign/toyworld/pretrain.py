@@ -111,6 +111,9 @@ class PretrainConfig:
     prediction: Literal["epsilon", "v_prediction"] = field(
         "epsilon", help="toy-sd's prediction target (v_prediction with --zero_snr: Lin et al. 2024)"
     )
+    text_encoder: str | None = field(
+        None, help="toy-sd: take this pipeline's CLIP text encoder (e.g. toy-flow's) and keep it frozen, as SD does"
+    )
     zero_snr: bool = field(False, help="toy-sd: rescale the betas to zero terminal SNR, trailing timesteps")
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (for CFG)")
     ema_decay: float = field(0.999, help="EMA decay of the saved weights (0 disables EMA)")
@@ -269,6 +272,17 @@ def load_vae(path: str | os.PathLike):
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--vae {path}: no VAE there (expected a pipeline folder with vae/ or a VAE folder)")
     return AutoencoderKL.from_pretrained(folder).eval()
+
+
+def load_text_encoder(path: str | os.PathLike):
+    """A trained CLIP text encoder (frozen) from a pipeline folder (its ``text_encoder/``) or an encoder folder."""
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    folder = path / "text_encoder" if (path / "text_encoder" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--text_encoder {path}: no text encoder there (a pipeline folder with text_encoder/)")
+    return CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -445,9 +459,10 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
         # SD pipelines only scale (no shift): the scale is taken around zero, as SD's 0.18215 was
         rms = math.sqrt(std**2 + mean**2)
         vae.register_to_config(scaling_factor=1.0 / rms, shift_factor=None)
-        pipe = build_toy_sd(seed, vae=vae, prediction_type=cfg.prediction, zero_snr=cfg.zero_snr)
+        text_encoder = load_text_encoder(cfg.text_encoder) if cfg.text_encoder else None
+        pipe = build_toy_sd(seed, vae, cfg.prediction, cfg.zero_snr, text_encoder)
         model = StableDiffusion(pipe)
-        trainable = [pipe.unet, pipe.text_encoder]
+        trainable = [pipe.unet] + ([] if text_encoder is not None else [pipe.text_encoder])
     model.default_resolution = IMAGE_SIZE
     vae_report = vae_reconstruction_report(model.vae, seed, cfg.check_images) if cfg.check_images else None
     cache, captions = build_latent_cache(model, cfg.train_images, seed)

@@ -147,7 +147,7 @@ def toy_vae(seed: int = 0):
     return vae
 
 
-def toy_unet(seed: int = 0):
+def toy_unet(seed: int = 0, cross_attention_dim: int = 64):
     """SD-style ``UNet2DConditionModel`` on 4x16x16 latents, cross-attention to 64-wide text states."""
     from diffusers import UNet2DConditionModel
 
@@ -160,7 +160,7 @@ def toy_unet(seed: int = 0):
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=16,
     )
@@ -225,18 +225,22 @@ def flow_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def build_toy_sd(seed: int = 0, vae=None, prediction_type: str = "epsilon", zero_snr: bool = False):
-    """A randomly initialised toy-sd ``StableDiffusionPipeline`` (``vae``: reuse a trained one)."""
+def build_toy_sd(
+    seed: int = 0, vae=None, prediction_type: str = "epsilon", zero_snr: bool = False, text_encoder=None
+):
+    """A randomly initialised toy-sd ``StableDiffusionPipeline`` (``vae``, ``text_encoder``: reuse trained ones;
+    the UNet's cross-attention then takes the text encoder's width)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(64, 2))
+    if text_encoder is None:
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_text_config(64, 2))
     return StableDiffusionPipeline(
         vae=copy.deepcopy(vae) if vae is not None else toy_vae(seed + 1),
         text_encoder=text_encoder,
         tokenizer=toy_tokenizer(),
-        unet=toy_unet(seed),
+        unet=toy_unet(seed, cross_attention_dim=text_encoder.config.hidden_size),
         scheduler=sd_scheduler(prediction_type, zero_snr),
         safety_checker=None,
         feature_extractor=None,
