@@ -29,7 +29,7 @@ class EvaluateConfig:
     out: str = field(help="output folder for report.json and grid.png")
     lora: list[str] = field([], help="LoRA folders to compare with the base (repeat the flag or space-separate)")
     experts: str | None = field(None, help="timestep-segment experts.json (or folder): variant 'experts'")
-    guide: list[str] = field([], help="reward guidance (Flow-NRG): variant 'nrg' steered by these differentiable rewards")
+    guide: list[str] = field([], help="reward guidance (Flow-NRG): variant 'nrg' steered by these rewards")
     guide_weight: list[float] = field([1.0], help="weight of each --guide reward (one for all, or one per reward)")
     guide_end: float = field(1.0, help="guide the first fraction of the steps only (1: every step)")
     experts_alone: bool = field(False, help="with --experts: also each expert alone in its interval")
