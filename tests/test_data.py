@@ -175,3 +175,27 @@ def test_encoded_pairs_are_cached_and_invalidated(tiny_pipeline_dir, tmp_path):
     assert len(calls) == 2 * n_calls
     batch = second.collate([second[0], second[1]])
     assert batch["chosen"].shape == (2, 4, 16, 16) and batch["cond"]["encoder_hidden_states"].shape[0] == 2
+
+
+def test_two_runs_encoding_the_same_cache_at_once(tiny_pipeline_dir, tmp_path):
+    """A second run that publishes the same cache entry first wins; the first keeps its result, no error."""
+    from visalign.models import load_model
+
+    model = load_model(tiny_pipeline_dir("sd"))
+    writer = PreferenceWriter(tmp_path / "d")
+    g = torch.Generator().manual_seed(0)
+    writer.append("a red circle", torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g))
+    data = load_preference_data(tmp_path / "d", resolution=32)
+    original, inner = model.encode, []
+
+    def encode(*a, **k):
+        if not inner:  # while this run encodes, another one encodes and publishes the same entry
+            inner.append(1)
+            model.encode = original
+            inner.append(encode_pairs(model, data, tmp_path / "cache", progress=False))
+        return original(*a, **k)
+
+    model.encode = encode
+    outer = encode_pairs(model, data, tmp_path / "cache", progress=False)
+    assert torch.equal(outer.latents_c, inner[1].latents_c)
+    assert len(list((tmp_path / "cache").rglob("meta.json"))) == 1 and not list((tmp_path / "cache").rglob(".tmp-*"))

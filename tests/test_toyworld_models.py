@@ -104,6 +104,10 @@ def smoke(tmp_path_factory):
         PretrainConfig(model="toy-flow", out=str(root / "toy-flow"), vae=str(outs["toy-sd"]), **small)
     )
     outs["toy-clip"] = pretrain(PretrainConfig(model="toy-clip", out=str(root / "toy-clip"), **small))
+    # the shipped toy-sd's recipe: toy-flow's text encoder frozen, v-prediction with zero terminal SNR
+    outs["toy-sd-v"] = pretrain(PretrainConfig(model="toy-sd", out=str(root / "toy-sd-v"), vae=str(outs["toy-sd"]),
+                                               text_encoder=str(outs["toy-flow"]), prediction="v_prediction",
+                                               zero_snr=True, **small))  # fmt: skip
     return outs
 
 
@@ -128,6 +132,27 @@ def test_pretraining_smoke_writes_a_loadable_pipeline(smoke, name):
     pipe = DiffusionPipeline.from_pretrained(out, **extra)
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64)
+
+
+def test_frozen_text_encoder_and_zero_terminal_snr(smoke):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(smoke["toy-sd-v"])
+    sched = pipe.scheduler.config
+
+    def weights(module):
+        return {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+
+    source, kept = weights(load_model(smoke["toy-flow"]).pipe.text_encoder), weights(pipe.text_encoder)
+    assert kept and all(torch.equal(v, source[k]) for k, v in kept.items())  # frozen: exactly toy-flow's weights
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
+    assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == (
+        "v_prediction", True, "trailing")
+    model = load_model(smoke["toy-sd-v"])
+    assert float(model.alphas_cumprod[-1]) == 0.0  # pure noise at t = T: nothing of x0 leaks into x_T
+    x0, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    t = torch.tensor([999.0])
+    torch.testing.assert_close(model.target(x0, noise, t), -x0)  # v = sqrt(a) eps - sqrt(1 - a) x0 with a = 0
 
 
 def test_pretraining_smoke_toy_clip_loads_both_ways(smoke):

@@ -444,7 +444,13 @@ def encode_pairs(
             (tmp / "meta.json").write_text(
                 json.dumps({"prompts": prompts, "n": len(dataset), "source": str(model.source)})
             )
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # another process (a second run on the same data) published this cache entry first: same key,
+                # same content, so keep theirs
+                if not (target / "meta.json").is_file():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return EncodedPairs(latents_c, latents_r, prompt_index, conds, prompts, labels)

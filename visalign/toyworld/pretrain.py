@@ -5,9 +5,10 @@ Every recipe trains only on **held-in** captions (the renders of held-out combin
 * ``toy-sd`` / ``toy-flow``: first the VAE (or reuse one with ``vae=``), on renders, with an L1 + MSE
   reconstruction loss and a tiny KL weight; its latent scale (and, for SD3, shift) are then set from the
   latents of 2,048 renders, as Stable Diffusion's ``scaling_factor`` was. Then the denoiser and the text
-  encoder(s) are trained jointly from scratch on a cache of 20,000 encoded renders with the family's own
-  training view (:meth:`DiffusionModel.sample_timesteps` / ``add_noise`` / ``target`` / ``predict``): the DDPM
-  epsilon loss with uniform timesteps for toy-sd, the rectified-flow velocity loss with logit-normal, shifted
+  encoder(s) are trained jointly from scratch (or the denoiser alone under a given frozen ``text_encoder=``, as the
+  shipped toy-sd is) on a cache of 20,000 encoded renders with the family's own training view
+  (:meth:`DiffusionModel.sample_timesteps` / ``add_noise`` / ``target`` / ``predict``): the DDPM epsilon or v loss
+  with uniform timesteps for toy-sd, the rectified-flow velocity loss with logit-normal, shifted
   timesteps for toy-flow (which trains on T5's 256 zero tokens collapsed into one exact equivalent, see
   :class:`CollapsedZerosJointAttnProcessor`). Captions are dropped (replaced by ``""``) 10% of the time so
   classifier-free guidance works. AdamW, warm-up then cosine decay, gradient clipping at 1; the weights saved
@@ -565,7 +566,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         "model": cfg.model,
         "recipe": asdict(cfg),
         "command": f"visalign toy pretrain --model {cfg.model} --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
-        + (f" --vae {cfg.vae}" if cfg.vae else ""),
+        + (f" --vae {cfg.vae}" if cfg.vae else "")
+        + (f" --text_encoder {cfg.text_encoder}" if cfg.text_encoder else "")
+        + (f" --prediction {cfg.prediction}" if cfg.prediction != "epsilon" else "")
+        + (" --zero_snr" if cfg.zero_snr else ""),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "sampling": {"steps": cfg.sample_steps, "guidance": cfg.guidance, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
