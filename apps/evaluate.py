@@ -84,9 +84,10 @@ def run(cfg: EvaluateConfig) -> dict:
         model, expert_variants = experts_view(model, cfg)
         variants.update(expert_variants)
     if cfg.guide:
-        from visalign.guidance import GuidedView, build_guidance_rewards
+        from apps.generate import guidance_rewards
+        from visalign.guidance import GuidedView
 
-        model = GuidedView(model, build_guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
+        model = GuidedView(model, guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
         variants["nrg"] = "nrg"
     scorers = {}
     if cfg.reward:

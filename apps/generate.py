@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def guidance_rewards(specs: Sequence[str], weights: Sequence[float], device=None) -> list[tuple]:
+    """``(label, reward, weight)`` triples from reward specs and one weight per spec (or one for all)."""
+    from reward_models import build_reward
+    from visalign.guidance import RewardGuidance
+
+    if len(weights) not in (1, len(specs)):
+        raise ConfigError(f"give one --guide_weight for all rewards or one per reward; got {len(weights)} for "
+                          f"{len(specs)} rewards")  # fmt: skip
+    weights = list(weights) * len(specs) if len(weights) == 1 else list(weights)
+    out = []
+    for spec, weight in zip(specs, weights):
+        reward = build_reward(spec, device=device)
+        out.append((spec, reward, float(weight)))
+    RewardGuidance(out, [])  # differentiable rewards, numeric weights
+    return out
+
+
 def run(cfg: GenerateConfig) -> Path:
     from visalign.media import save_image, save_video
     from visalign.models import load_model
@@ -97,9 +115,9 @@ def run(cfg: GenerateConfig) -> Path:
         plan = SwitchPlan(stride=cfg.skip_stride, skip_above=cfg.skip_above)
         model = ExpertsView(model, load_experts(model, cfg.experts), {"experts": plan})
     if cfg.guide:
-        from visalign.guidance import GuidedView, build_guidance_rewards
+        from visalign.guidance import GuidedView
 
-        model = GuidedView(model, build_guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
+        model = GuidedView(model, guidance_rewards(cfg.guide, cfg.guide_weight, device), end=cfg.guide_end)
     expanded = [p for p in prompts for _ in range(cfg.num_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(expanded))]
     out.mkdir(parents=True, exist_ok=True)

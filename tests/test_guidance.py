@@ -73,9 +73,9 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="window"):
         RewardGuidance([("b", Brightness(differentiable=True), 1.0)], PROMPTS, start=0.5, end=0.5)
     with pytest.raises(ConfigError, match="one --guide_weight for all rewards or one per reward"):
-        from visalign.guidance import build_guidance_rewards
+        from apps.generate import guidance_rewards
 
-        build_guidance_rewards(["oracle"], [1.0, 2.0])
+        guidance_rewards(["oracle"], [1.0, 2.0])
 
     class NaNReward(Brightness):
         def score_batch(self, media, prompts):

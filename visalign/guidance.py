@@ -19,7 +19,8 @@ denoiser. Rewards must be differentiable (``reward.spec.differentiable``: CLIP s
 ...); video rewards get the decoded video, image rewards every frame (:mod:`reward_models.video`).
 
 ``RewardGuidance`` is the ``output_hook`` of :meth:`visalign.models.DiffusionModel.sample`; :class:`GuidedView`
-turns it on as a named variant (``visalign generate --guide``, ``visalign evaluate --guide``).
+turns it on as a named variant (``visalign generate --guide``, ``visalign evaluate --guide``: the rewards are built
+by :func:`apps.generate.guidance_rewards`).
 """
 
 from __future__ import annotations
@@ -143,19 +144,3 @@ class GuidedView:
             raise ConfigError("reward-guided sampling sets the output hook itself and samples deterministically")
         self.last = RewardGuidance(self.rewards, list(prompts), *self.window)
         return self.model.sample(prompts, output_hook=self.last, **kw)
-
-
-def build_guidance_rewards(specs: Sequence[str], weights: Sequence[float], device=None) -> list[tuple]:
-    """``(label, reward, weight)`` triples from reward specs and one weight per spec (or one for all)."""
-    from reward_models import build_reward
-
-    if len(weights) not in (1, len(specs)):
-        raise ConfigError(f"give one --guide_weight for all rewards or one per reward; got {len(weights)} for "
-                          f"{len(specs)} rewards")  # fmt: skip
-    weights = list(weights) * len(specs) if len(weights) == 1 else list(weights)
-    out = []
-    for spec, weight in zip(specs, weights):
-        reward = build_reward(spec, device=device)
-        out.append((spec, reward, float(weight)))
-    RewardGuidance(out, [])  # differentiable rewards, numeric weights
-    return out
