@@ -41,6 +41,13 @@ def test_unknown_yaml_key_names_it_and_suggests(tmp_path):
         parse_config(Demo, ["--config", str(f)])
 
 
+def test_unknown_flag_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unrecognised argument\(s\) --stpes 3; did you mean --steps\?"):
+        parse_config(Demo, ["--model", "m", "--stpes", "3"])
+    with pytest.raises(ConfigError, match="unrecognised argument.*--frobnicate.*see prog --help"):
+        parse_config(Demo, ["--model", "m", "--frobnicate"], prog="prog")
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         parse_config(Demo, ["--config", str(tmp_path / "nope.yaml")])

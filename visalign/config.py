@@ -76,7 +76,14 @@ def parse_config(
         for action in parser._actions:  # values given by the YAML file are no longer required on the CLI
             if action.dest in data:
                 action.required = False
-    outputs = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    *outputs, remaining = parser.parse_args_into_dataclasses(argv, look_for_args_file=False,
+                                                             return_remaining_strings=True)  # fmt: skip
+    if remaining:
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+        close = difflib.get_close_matches(flag.split("=")[0], options, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; see {prog or 'the command'} --help"
+        raise ConfigError(f"unrecognised argument(s) {' '.join(remaining)}{hint}")
     return outputs[0]
 
 
