@@ -3,7 +3,9 @@
 Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (TOYWORLD.md).
 ``score="strict"`` (default): 1 when every attribute the caption names is right, else 0; ``score="partial"``:
 the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
-colour, shape, direction and temporal consistency). Components hold each attribute as 0/1 (NaN where the
+colour, shape, direction and temporal consistency); ``score="color" | "shape" | "position" | "direction" |
+"consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does not name it), e.g. to build
+preference data about one attribute (the layout and fidelity sets of timestep-segment experts). Components hold each attribute as 0/1 (NaN where the
 caption names no position). A prompt outside the shapes-world grammar cannot be judged: ``valid=False``.
 Trainers must never see this reward: it measures what they are meant to learn.
 """
@@ -19,19 +21,22 @@ from .specs import BUILTIN_SPECS
 
 IMAGE_ATTRIBUTES = ("object", "color_ok", "shape_ok", "position_ok")
 VIDEO_ATTRIBUTES = ("object", "color_ok", "shape_ok", "direction_ok", "consistent")
+SINGLE = {"color": "color_ok", "shape": "shape_ok", "position": "position_ok", "direction": "direction_ok",
+          "consistent": "consistent"}  # fmt: skip
 
 
 class OracleReward(Reward):
     """The shapes-world oracle.
 
     Args:
-        score: ``"strict"`` or ``"partial"``.
+        score: ``"strict"``, ``"partial"`` or one attribute (``"color"``, ``"shape"``, ``"position"``,
+            ``"direction"``, ``"consistent"``).
         batch_size: media per chunk.
     """
 
     def __init__(self, score: str = "strict", batch_size: int = 64):
-        if score not in ("strict", "partial"):
-            raise ValueError(f"score must be 'strict' or 'partial', got {score!r}")
+        if score not in ("strict", "partial", *SINGLE):
+            raise ValueError(f"score must be 'strict', 'partial' or one of {', '.join(SINGLE)}, got {score!r}")
         super().__init__(BUILTIN_SPECS["oracle"], batch_size)
         self.score = score
 
@@ -41,6 +46,9 @@ class OracleReward(Reward):
         video = media.ndim == 5
         parse = parse_video_caption if video else parse_caption
         attributes = VIDEO_ATTRIBUTES if video else IMAGE_ATTRIBUTES
+        single = SINGLE.get(self.score)
+        if single is not None and single not in attributes:
+            raise ValueError(f"oracle score {self.score!r} applies to {'images' if video else 'videos'} only")
         ok = []
         for p in prompts:
             try:
@@ -61,6 +69,10 @@ class OracleReward(Reward):
                 scores.append(0.0)
             elif self.score == "strict":
                 scores.append(float(v.strict))
+            elif single is not None:
+                named = not math.isnan(values[single])
+                scores.append(values[single] if named else 0.0)
+                ok[i] = ok[i] and named
             else:
                 named = [values[a] for a in attributes if a != "object" and not math.isnan(values[a])]
                 scores.append(sum(named) / len(named))

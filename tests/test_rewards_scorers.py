@@ -122,9 +122,21 @@ def test_oracle_on_rendered_images_and_videos():
     assert out.scores.tolist() == [0.0, 0.0, 0.0] and out.valid.tolist() == [True, True, False]
     partial = build_reward("oracle(score=partial)")(images, wrong)
     assert partial.scores.tolist() == [0.5, pytest.approx(2 / 3), 0.0]
+    # one attribute alone: right shape / wrong position; a caption naming no position is not judged
+    shape = build_reward("oracle(score=shape)")(images, wrong)
+    assert shape.scores.tolist() == [0.0, 1.0, 0.0] and shape.valid.tolist() == [True, True, False]
+    position = build_reward("oracle(score=position)")(images, wrong)
+    assert position.scores.tolist() == [0.0, 0.0, 0.0] and position.valid.tolist() == [False, True, False]
+    assert build_reward("oracle(score=position)")(images, captions).scores.tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="one of color, shape, position"):
+        build_reward("oracle(score=size)")
 
     vcaps = ["a red circle moving left", "a cyan triangle moving down"]
     videos, _ = render_videos(vcaps, seed=0)
     out = oracle(videos, vcaps)
     assert out.scores.tolist() == [1.0, 1.0] and set(out.components) >= {"direction_ok", "consistent"}
     assert oracle(videos, ["a red circle moving right", "a cyan triangle moving down"]).scores.tolist() == [0.0, 1.0]
+    direction = build_reward("oracle(score=direction)")
+    assert direction(videos, ["a red circle moving right", "a red triangle moving down"]).scores.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="applies to images only"):
+        build_reward("oracle(score=position)")(videos, vcaps)
