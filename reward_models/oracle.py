@@ -6,8 +6,8 @@ the fraction of the named attributes that are right (images: colour, shape and p
 colour, shape, direction and temporal consistency); ``score="color" | "shape" | "position" | "direction" |
 "consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does not name it), e.g. to build
 preference data about one attribute (the layout and fidelity sets of timestep-segment experts). Components hold
-each attribute as 0/1 (NaN where the caption names no position). A prompt outside the shapes-world grammar cannot be judged: ``valid=False``.
-Trainers must never see this reward: it measures what they are meant to learn.
+each attribute as 0/1 (NaN where the caption names no position). A prompt outside the shapes-world grammar
+cannot be judged: ``valid=False``. Trainers must never see this reward: it measures what they are meant to learn.
 """
 
 from __future__ import annotations
