@@ -248,10 +248,21 @@ def test_generate_and_evaluate_with_experts(tiny_pipeline_dir, trained, tmp_path
     ({"expert_names": ["default", "late"]}, "not usable as an adapter name"),
     ({"timestep_min": 100.0}, "not timestep_min"),
     ({"resume_from": "some/checkpoint"}, "--resume_from latest"),
+    ({"expert_beta": [100.0]}, "--expert_beta needs 2 values > 0"),
+    ({"expert_learning_rate": [1e-3, 0.0]}, "--expert_learning_rate needs 2 values > 0"),
 ])  # fmt: skip
 def test_bad_config(tmp_path, data, change, message):
     with pytest.raises(ConfigError, match=message):
         TimestepSegmentConfig(**{**segment_args("m", data, tmp_path / "o"), **change})
+
+
+def test_per_expert_beta_and_learning_rate(tiny_pipeline_dir, data, tmp_path):
+    cfg = TimestepSegmentConfig(**segment_args(tiny_pipeline_dir("sd"), data, tmp_path / "o", beta=5000.0,
+                                               expert_beta=[100.0, 1000.0], expert_max_steps=[3, 5]))  # fmt: skip
+    task = TimestepSegment(cfg)
+    runs = [task.expert_config(i, resume=False) for i in range(2)]
+    assert [(r.beta, r.max_steps, r.learning_rate) for r in runs] == [(100.0, 3, 5e-2), (1000.0, 5, 5e-2)]
+    assert [(r.timestep_min, r.timestep_max) for r in runs] == [(500.0, 1000.0), (0.0, 500.0)]
 
 
 def test_sigma_intervals_need_a_flow_model(tiny_pipeline_dir, data, tmp_path):

@@ -60,6 +60,8 @@ class TimestepSegmentConfig(DiffusionDPOConfig):
     )
     expert_names: list[str] = field([], help="adapter name per interval (default: expert0, expert1, ...)")
     expert_max_steps: list[int] = field([], help="optimizer steps per expert (default: max_steps for every one)")
+    expert_beta: list[float] = field([], help="DPO beta per expert (default: beta for every one)")
+    expert_learning_rate: list[float] = field([], help="learning rate per expert (default: learning_rate)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +76,10 @@ class TimestepSegmentConfig(DiffusionDPOConfig):
             raise ConfigError(f"got {len(self.expert_names)} --expert_names for {k} intervals; pass one per interval")
         if self.expert_max_steps and (len(self.expert_max_steps) != k or min(self.expert_max_steps) < 1):
             raise ConfigError(f"--expert_max_steps needs {k} values >= 1 (one per interval)")
+        for name in ("expert_beta", "expert_learning_rate"):
+            values = getattr(self, name)
+            if values and (len(values) != k or min(values) <= 0):
+                raise ConfigError(f"--{name} needs {k} values > 0 (one per interval)")
         if self.full_finetune:
             raise ConfigError("timestep-segment trains LoRA experts; full_finetune is not supported")
         if self.resume_from not in (None, "latest"):
@@ -132,6 +138,8 @@ class TimestepSegment:
             output_dir=str(self.expert_dir(expert)),
             cache_dir=cfg.cache_dir or str(self.out.parent / ".cache" / "latents"),
             max_steps=cfg.expert_max_steps[index] if cfg.expert_max_steps else cfg.max_steps,
+            beta=cfg.expert_beta[index] if cfg.expert_beta else cfg.beta,
+            learning_rate=cfg.expert_learning_rate[index] if cfg.expert_learning_rate else cfg.learning_rate,
             resume_from="latest" if resume else None,
             eval_prompts=None,  # an expert alone over every step is not what ships: the experts are evaluated together
             eval_every=0,
