@@ -5,7 +5,15 @@ with the LoRA disabled. Naive (what the research scripts do): images and prompts
 text encoders every step, and a separate frozen copy of the denoiser as the reference.
 
     python benchmarks/bench_dpo.py                       # SD1.5-architecture UNet, random weights, CPU
-    python benchmarks/bench_dpo.py --preset sdxl --resolution 1024 --device cuda   # on a GPU
+    python benchmarks/bench_dpo.py --preset sdxl --resolution 1024 --batch 1 --device cuda --dtype bf16  # a GPU
+
+Presets: ``small`` (CPU-sized), ``sd15`` (SD1.5's UNet, VAE and CLIP-L sizes), ``sdxl`` (SDXL-base's UNet, VAE,
+CLIP-L and OpenCLIP-bigG sizes; 2.6B-parameter UNet) and ``sdxl-small`` (the SDXL graph at small widths, to
+check the preset on a CPU). Video presets (pairs of random videos, ``--num_frames``): ``wan-1.3b``, ``cogvideox-2b``
+and their CPU-sized graphs ``wan-small``, ``cogvideox-small`` (see benchmarks/video_pipelines.py).
+
+    python benchmarks/bench_dpo.py --preset wan-1.3b --resolution 480 --num_frames 17 --batch 1 --device cuda \
+        --dtype bf16 --gradient_checkpointing
 
 Prints a table and writes JSON (``--out``, default benchmarks/results/bench_dpo.json).
 """
@@ -26,25 +34,98 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.video_pipelines import VIDEO_PRESETS, build_video_pipeline  # noqa: E402
 from trainers.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig  # noqa: E402
 from trainers.mapo import MaPO, MaPOConfig  # noqa: E402
 from visalign.data import PreferenceWriter  # noqa: E402
+from visalign.media import save_image  # noqa: E402
+
+
+def _clip(hidden: int, layers: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=projection or hidden,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(channels, layers: int, scaling: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=layers,
+        norm_num_groups=32,
+        scaling_factor=scaling,
+    )
+
+
+def build_sdxl(full: bool):
+    """SDXL-base's architecture (or its graph at small widths): text_time conditioning, two text encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from visalign.offline_tokenizers import clip_tokenizer
+
+    ch, heads, depth, text = ((320, 640, 1280), (5, 10, 20), (1, 2, 10), (768, 1280)) if full else (
+        (32, 64, 128), (2, 2, 4), (1, 1, 2), (64, 64))  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=ch,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=heads,
+        transformer_layers_per_block=depth,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + text[1],
+        cross_attention_dim=sum(text),
+        norm_num_groups=32,
+        sample_size=128,
+    )
+    vae = _vae((128, 256, 512, 512) if full else (32, 64, 64, 64), 2 if full else 1, scaling=0.13025)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=_clip(text[0], 12 if full else 2),
+        text_encoder_2=_clip(text[1], 32 if full else 2, projection=text[1]),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 def build_pipeline(preset: str, seed: int = 0):
-    """A random-weight pipeline of a real architecture: ``sd15`` has SD1.5's UNet, VAE and CLIP-L sizes."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A random-weight pipeline of a real architecture (see the module docstring for the presets)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from visalign.offline_tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
+    if preset in VIDEO_PRESETS:
+        return build_video_pipeline(preset, seed)
+    if preset in ("sdxl", "sdxl-small"):
+        return build_sdxl(full=preset == "sdxl")
     if preset == "small":
         ch, text, layers = (32, 64, 128), 64, 2
     elif preset == "sd15":
         ch, text, layers = (320, 640, 1280, 1280), 768, 12
     else:
-        raise SystemExit(f"unknown preset {preset!r} (small, sd15)")
+        raise SystemExit(f"unknown preset {preset!r} (small, sd15, sdxl, sdxl-small, {', '.join(VIDEO_PRESETS)})")
     n = len(ch)
     unet = UNet2DConditionModel(
         block_out_channels=ch,
@@ -55,32 +136,11 @@ def build_pipeline(preset: str, seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae_ch = (128, 256, 512, 512) if preset == "sd15" else (32, 64, 64, 64)
-    vae = AutoencoderKL(
-        block_out_channels=vae_ch,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2 if preset == "sd15" else 1,
-        norm_num_groups=32,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=text,
-            intermediate_size=text * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=max(text // 64, 1),
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    vae = _vae((128, 256, 512, 512) if preset == "sd15" else (32, 64, 64, 64), 2 if preset == "sd15" else 1)
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=te,
+        text_encoder=_clip(text, layers),
         tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=sched,
@@ -171,6 +231,27 @@ METHODS = {
 }
 
 
+def write_pairs(directory: Path, args) -> None:
+    """``--batch`` random pairs; videos as folders of PNG frames (no video codec needed)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (3, args.resolution, args.resolution)
+    if not args.num_frames:
+        writer = PreferenceWriter(directory)
+        for i in range(args.batch):
+            writer.append(f"a photo of object {i}", torch.rand(shape, generator=g), torch.rand(shape, generator=g))
+        return
+    rows = []
+    for i in range(args.batch):
+        row = {"prompt": f"a video of object {i}", "label": 1.0}
+        for side in ("chosen", "rejected"):
+            folder = directory / "media" / f"{i}-{side}"
+            for f in range(args.num_frames):
+                save_image(torch.rand(shape, generator=g), folder / f"{f:03d}.png")
+            row[side] = str(folder.relative_to(directory))
+        rows.append(row)
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def run_one(method: str, model_dir, data_dir, args) -> dict:
     """One method in this (fresh) process: peak memory covers building the task (reference copy, cache) too."""
     task_cls, cfg_cls, loss = METHODS[method]
@@ -180,10 +261,13 @@ def run_one(method: str, model_dir, data_dir, args) -> dict:
         output_dir=str(Path(args.tmp) / "run"),
         batch_size=args.batch,
         resolution=args.resolution,
+        num_frames=args.num_frames,
+        gradient_checkpointing=args.gradient_checkpointing,
         lora_rank=args.rank,
         report_to="none",
         progress=False,
         device=args.device,
+        dtype=args.dtype,
         cache_dir=str(Path(args.tmp) / "cache" / method),
         **({"loss": loss} if cfg_cls is DiffusionDPOConfig else {}),
     )
@@ -210,14 +294,17 @@ def run_one(method: str, model_dir, data_dir, args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", help="small | sd15 (architecture of the random-weight pipeline)")
+    p.add_argument("--preset", default="small", help="architecture of the random-weight pipeline (see above)")
     p.add_argument("--model", default=None, help="use this pipeline folder instead of a random one")
     p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--num_frames", type=int, default=None, help="frames per video (video presets)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", help="weights of the frozen base: fp32, fp16 or bf16 (LoRA is fp32)")
     p.add_argument("--out", default="benchmarks/results/bench_dpo.json")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     p.add_argument("--_model", help=argparse.SUPPRESS)
@@ -232,15 +319,12 @@ def main():
         args.tmp = tmp
         model_dir = Path(args.model) if args.model else Path(tmp) / "pipe"
         if not args.model:
-            build_pipeline(args.preset).save_pretrained(model_dir)
-        writer = PreferenceWriter(Path(tmp) / "pairs")
-        g = torch.Generator().manual_seed(0)
-        for i in range(args.batch):
-            writer.append(
-                f"a photo of object {i}",
-                torch.rand(3, args.resolution, args.resolution, generator=g),
-                torch.rand(3, args.resolution, args.resolution, generator=g),
-            )
+            with torch.device(args.device):  # initialise on the GPU when there is one: seconds, not minutes
+                pipe = build_pipeline(args.preset)
+            if args.dtype != "fp32":  # halves what is written and read again by each method's process
+                pipe.to(dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16)
+            pipe.save_pretrained(model_dir)
+        write_pairs(Path(tmp) / "pairs", args)
         rows = []
         for method in METHODS:  # each in a fresh process, so one method's memory does not count for the next
             cmd = [
@@ -253,12 +337,16 @@ def main():
                 "--_tmp",
                 tmp,
                 *[
-                    f"--{k}={v}"
-                    for k, v in vars(args).items()
-                    if k in ("resolution", "batch", "rank", "steps", "warmup", "device")
-                ],
+                    f"--{k}={getattr(args, k)}"
+                    for k in ("resolution", "batch", "rank", "steps", "warmup", "device", "dtype")
+                ],  # fmt: skip
+                *([f"--num_frames={args.num_frames}"] if args.num_frames else []),
+                *(["--gradient_checkpointing"] if args.gradient_checkpointing else []),
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout.strip().splitlines()[-1]
             result = json.loads(out)
             rows.append({"method": method, **result})
             print(
@@ -270,8 +358,11 @@ def main():
     report = {
         "preset": args.preset if not args.model else args.model,
         "resolution": args.resolution,
+        "num_frames": args.num_frames,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "batch_pairs": args.batch,
         "lora_rank": args.rank,
+        "dtype": args.dtype,
         "device": device,
         "results": rows,
     }

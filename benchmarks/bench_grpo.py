@@ -7,7 +7,10 @@ time per optimizer step, on an SD3-architecture pipeline with random weights (te
 prompt, so the text encoders are kept small; the transformer and VAE have the chosen preset's sizes).
 
     python benchmarks/bench_grpo.py                                    # small SD3, 64 px, CPU
-    python benchmarks/bench_grpo.py --preset sd3 --resolution 512 --device cuda --dtype bf16   # SD3-Medium size
+    python benchmarks/bench_grpo.py --preset sd3 --resolution 512 --device cuda --dtype bfloat16   # SD3-Medium size
+
+Video presets (rollout videos/s; Flow-SDE on Wan, DDIM-eta on CogVideoX): ``wan-1.3b``, ``cogvideox-2b`` and their
+CPU-sized graphs ``wan-small``, ``cogvideox-small`` (benchmarks/video_pipelines.py), with ``--num_frames``.
 
 Prints a table and writes JSON (``--out``, default benchmarks/results/bench_grpo.json).
 """
@@ -26,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.video_pipelines import VIDEO_PRESETS, build_video_pipeline  # noqa: E402
 from reward_models.base import Reward, RewardSpec  # noqa: E402
 from trainers.grpo import GRPO, GRPOConfig  # noqa: E402
 from visalign.metrics import brightness  # noqa: E402
@@ -43,7 +47,9 @@ class Brightness(Reward):
     """A free reward, so the timings are the diffusion model's."""
 
     def __init__(self):
-        super().__init__(RewardSpec("brightness", needs_prompt=False, differentiable=False))
+        super().__init__(
+            RewardSpec("brightness", modalities=("image", "video"), needs_prompt=False, differentiable=False)
+        )
 
     def score_batch(self, media, prompts):
         return brightness(media)
@@ -99,14 +105,19 @@ def sync(device: str) -> None:
 def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
     from visalign.models import FAMILIES
 
-    model = FAMILIES["sd3"](build_pipeline(args.preset), device=args.device, dtype=getattr(torch, args.dtype))
+    video = args.preset in VIDEO_PRESETS
+    with torch.device(args.device):  # initialise on the GPU when there is one
+        pipe = build_video_pipeline(args.preset) if video else build_pipeline(args.preset)
+    family = args.preset.split("-")[0] if video else "sd3"
+    model = FAMILIES[family](pipe, device=args.device, dtype=getattr(torch, args.dtype))
     model.source = f"random {args.preset}"
     selection = {"full SDE": {}, "SDE window": {"timestep_selection": "window", "sde_window": args.window}}[mode]
     cfg = GRPOConfig(
         model=model.source, reward="brightness", prompts=prompt_file, output_dir=out_dir, batch_size=args.prompts,
         group_size=args.group, steps=args.steps, guidance=4.5, resolution=args.resolution, lora_rank=args.rank,
         lora_alpha=float(args.rank), beta_kl=args.beta_kl, train_batch_size=args.train_batch, report_to="none",
-        progress=False, device=args.device, max_steps=1, **selection,
+        progress=False, device=args.device, max_steps=1, num_frames=args.num_frames if video else None,
+        gradient_checkpointing=args.gradient_checkpointing, **selection,
     )  # fmt: skip
     task = GRPO(cfg, model=model, reward=Brightness().to(args.device))
     opt = torch.optim.AdamW(task.params, lr=1e-5)
@@ -151,7 +162,9 @@ def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS) + list(VIDEO_PRESETS))
+    p.add_argument("--num_frames", type=int, default=9, help="frames per video (video presets)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--prompts", type=int, default=2, help="prompts per rollout")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")

@@ -106,6 +106,32 @@ def test_ipo_and_mixed_losses_run(tiny_pipeline_dir, pair_data, tmp_path):
     assert "loss/bco_pair" in metrics
 
 
+@pytest.mark.parametrize("name", ["sdxl", "wan"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_pipeline_dir, pair_data, tmp_path,
+                                                                        name):
+    results = []
+    for checkpointing in (False, True):
+        cfg = make_config(tiny_pipeline_dir(name), tmp_path / str(checkpointing), pair_data(name in VIDEO),
+                          gradient_checkpointing=checkpointing, **frames(name))
+        task = DiffusionDPO(cfg)
+        assert task.model.denoiser.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(1)
+        for p in task.params:  # a LoRA away from zero, so every gradient path carries signal
+            p.data.add_(0.05 * torch.randn_like(p))
+        calls = []
+        norm = [m for n, m in task.model.denoiser.named_modules()  # the last block Diffusers checkpoints: after
+                if n.endswith("norm2") and ("resnets" in n or n.startswith("blocks."))][-1]  # the LoRA layers
+        norm.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(0)
+        loss, _ = task.loss(task.collate([task.encoded[0], task.encoded[1]]))
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in task.params], len(calls)))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads0, grads1))
+    assert calls1 > calls0  # the checkpointed blocks ran again in backward
+
+
 def test_mapo_has_no_reference_forward(tiny_pipeline_dir, pair_data, tmp_path):
     task = MaPO(make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), cls=MaPOConfig))
     entered = []

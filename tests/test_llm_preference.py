@@ -130,6 +130,24 @@ def test_sigmoid_loss_at_init_is_log_2_with_lora_and_logs_trl_metrics(world, tmp
     assert TRL_METRICS <= set(metrics)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world, tmp_path):
+    out = []
+    for checkpointing in (False, True):
+        cfg = make_config(world, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        task = LLMPreferenceTask(cfg)
+        assert task.model.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(1)
+        params = [p for p in task.model.parameters() if p.requires_grad]
+        for p in params:
+            p.data.add_(0.02 * torch.randn_like(p))
+        task.model.train()
+        loss, _ = task.loss(first_batch(task))
+        loss.backward()
+        out.append((loss.item(), [p.grad for p in params]))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+
+
 def test_completion_logps_mask_the_prompt_and_padding(world, tmp_path):
     task = LLMPreferenceTask(make_config(world, tmp_path))
     examples = task.train_examples[:4]

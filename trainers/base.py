@@ -62,6 +62,7 @@ class TrainConfig:
     adam_epsilon: float = field(1e-8, help="AdamW epsilon")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables clipping)")
     mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision of the forward pass")
+    gradient_checkpointing: bool = field(False, help="recompute the denoiser's activations in backward (less memory)")
     checkpoint_every: int = field(0, help="save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
     eval_every: int = field(0, help="evaluate every N steps (0: only at the end)")

@@ -141,6 +141,8 @@ class DiffusionDPO:
         else:
             targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
             self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=targets)
+        if cfg.gradient_checkpointing:
+            self.model.denoiser.enable_gradient_checkpointing()
         resolution = cfg.resolution or self.model.default_resolution
         self.pairs = load_preference_data(cfg.data, resolution=resolution, num_frames=cfg.num_frames)
         if self.pairs.video != self.model.is_video:

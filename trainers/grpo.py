@@ -125,6 +125,8 @@ class GRPO:
         self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
         targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
         self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=targets)
+        if cfg.gradient_checkpointing:
+            self.model.denoiser.enable_gradient_checkpointing()
         self.prompts = read_prompts(cfg.prompts)
         self.guidance = self.model.default_guidance if cfg.guidance is None else cfg.guidance
         name = cfg.sampler if cfg.sampler != "auto" else ("flow-sde" if self.model.is_flow else "ddim")

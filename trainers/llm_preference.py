@@ -142,6 +142,8 @@ class LLMPreferenceTask:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         base.to(self.device)
+        if cfg.gradient_checkpointing:  # before any copy: the reference copy never runs backward anyway
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if cfg.finetune == "lora":
             from peft import LoraConfig, get_peft_model

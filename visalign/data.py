@@ -53,10 +53,11 @@ class PreferencePair:
 
 # ----------------------------------------------------------------------------------------------- reading rows
 def read_rows(source) -> tuple[list[dict], str, Path | None]:
-    """Rows as dicts, a name for messages, and the folder that relative media paths start from."""
-    import datasets
+    """Rows as dicts, a name for messages, and the folder that relative media paths start from.
 
-    if isinstance(source, datasets.Dataset):
+    ``datasets`` is imported only for the sources that need it (parquet, saved datasets, hub ids).
+    """
+    if type(source).__module__.startswith("datasets"):  # a datasets.Dataset, without importing the library
         return list(source), "dataset", None
     if isinstance(source, (list, tuple)):
         return list(source), "rows", None
@@ -73,15 +74,21 @@ def read_rows(source) -> tuple[list[dict], str, Path | None]:
                     raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
             return rows, str(path), path.parent
         if path.suffix == ".parquet":
+            import datasets
+
             return list(datasets.Dataset.from_parquet(str(path))), str(path), path.parent
         raise DataError(f"{path}: unsupported data file; use .jsonl, .parquet, a dataset folder or a hub id")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            import datasets
+
             return list(datasets.load_from_disk(str(path))), str(path), path
         for name in ("pairs.jsonl", "data.jsonl", "train.jsonl"):
             if (path / name).exists():
                 return read_rows(path / name)
         raise DataError(f"{path}: no pairs.jsonl, data.jsonl or saved dataset in this folder")
+    import datasets
+
     try:
         return list(datasets.load_dataset(str(source), split="train")), str(source), None
     except Exception as e:
