@@ -1,5 +1,10 @@
 """``visalign pairs``: sample K per prompt, score with a reward, write best-vs-worst pairs and full rankings.
 
+``--pairing best-worst`` (default) writes one pair per prompt group: its best against its worst candidate.
+``--pairing spread`` writes up to K/2 disjoint pairs per group: the i-th best against the i-th worst, for every i
+whose two scores differ by more than ``--min_margin`` (with a 0/1 reward such as ``oracle(score=position)``
+that pairs every right candidate with a different wrong one).
+
 Outputs in ``--out``: ``pairs.jsonl`` + ``media/`` (the preference-data schema ``visalign train diffusion-dpo``
 reads), ``rankings.jsonl`` (every candidate with its seed and score, best first, for listwise losses) and
 ``config.yaml``.
@@ -24,7 +29,8 @@ class PairsConfig:
     out: str = field(help="output dataset folder")
     per_prompt: int = field(4, help="samples per prompt (K >= 2)")
     repeats: int = field(1, help="passes over the prompt list (each with new seeds)")
-    min_margin: float = field(0.0, help="skip a prompt when best - worst score is below this")
+    min_margin: float = field(0.0, help="skip a pair whose chosen - rejected score is below this")
+    pairing: str = field("best-worst", help="best-worst (one pair per group) or spread (i-th best vs i-th worst)")
     lora: str | None = field(None, help="LoRA to sample with")
     seed: int = field(0, help="candidate k of prompt j in repeat r uses seed + (r * P + j) * K + k")
     steps: int | None = field(None, help="sampling steps")
@@ -42,6 +48,11 @@ class PairsConfig:
             raise ConfigError(f"per_prompt must be >= 2 to make a pair, got {self.per_prompt}")
         if self.repeats < 1:
             raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"unknown pairing {self.pairing!r}; choose one of {', '.join(PAIRINGS)}")
+
+
+PAIRINGS = ("best-worst", "spread")
 
 
 def make_pairs(
@@ -54,6 +65,7 @@ def make_pairs(
     seed: int = 0,
     repeats: int = 1,
     min_margin: float = 0.0,
+    pairing: str = "best-worst",
     batch_size: int = 16,
     progress: bool = True,
     **sample_kw,
@@ -82,7 +94,6 @@ def make_pairs(
     for g in range(len(texts) // per_prompt):
         idx = list(range(g * per_prompt, (g + 1) * per_prompt))
         order = sorted(idx, key=lambda i: -float(scores[i]))
-        best, worst = order[0], order[-1]
         files = []
         for rank, i in enumerate(order):
             stem = f"cand-{g:06d}-{rank}"
@@ -100,21 +111,23 @@ def make_pairs(
                 "scores": [float(scores[i]) for i in order],
             }
         )
-        margin = float(scores[best] - scores[worst])
-        if margin < min_margin or margin == 0.0:
-            continue
-        writer.append(
-            texts[best],
-            media[best],
-            media[worst],
-            label=1.0,
-            seed_chosen=seeds[best],
-            seed_rejected=seeds[worst],
-            score_chosen=float(scores[best]),
-            score_rejected=float(scores[worst]),
-        )
-        n_pairs += 1
-        margins.append(margin)
+        n_matches = 1 if pairing == "best-worst" else per_prompt // 2
+        for best, worst in zip(order[:n_matches], reversed(order[-n_matches:])):
+            margin = float(scores[best] - scores[worst])
+            if margin < min_margin or margin == 0.0:
+                continue
+            writer.append(
+                texts[best],
+                media[best],
+                media[worst],
+                label=1.0,
+                seed_chosen=seeds[best],
+                seed_rejected=seeds[worst],
+                score_chosen=float(scores[best]),
+                score_rejected=float(scores[worst]),
+            )
+            n_pairs += 1
+            margins.append(margin)
     tmp = out / ".rankings.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rankings))
     os.replace(tmp, out / "rankings.jsonl")
@@ -157,6 +170,7 @@ def run(cfg: PairsConfig) -> dict:
         seed=cfg.seed,
         repeats=cfg.repeats,
         min_margin=cfg.min_margin,
+        pairing=cfg.pairing,
         batch_size=cfg.batch_size,
         progress=cfg.progress,
         steps=cfg.steps,
@@ -167,7 +181,7 @@ def run(cfg: PairsConfig) -> dict:
     )
     print(
         f"wrote {stats['pairs']} pairs from {stats['groups']} groups to {cfg.out} "
-        f"(mean best-worst margin {stats['mean_margin']:.4g})"
+        f"(mean chosen-rejected margin {stats['mean_margin']:.4g})"
     )
     return stats
 

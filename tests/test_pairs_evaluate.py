@@ -56,6 +56,19 @@ def test_pairs_put_the_best_first_and_keep_rankings(sd, reward, tmp_path):
     assert rescored == pytest.approx(rows[0]["score_chosen"], abs=0.05)
 
 
+@pytest.mark.parametrize("pairing, expected", [("best-worst", 2), ("spread", 3)])
+def test_spread_pairs_each_right_candidate_with_a_different_wrong_one(sd, tmp_path, pairing, expected):
+    # a 0/1 reward (as oracle(score=position) is): group 0 has 2 right + 2 wrong, group 1 has 3 right + 1 wrong
+    fixed = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    stats = make_pairs(sd, lambda media, prompts: fixed[: len(prompts)], PROMPTS, tmp_path, per_prompt=4, seed=0,
+                       pairing=pairing, batch_size=8, steps=1, height=32, width=32, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert stats["pairs"] == len(rows) == expected
+    assert all(fixed[r["seed_chosen"]] == 1 and fixed[r["seed_rejected"]] == 0 for r in rows)
+    seeds = [s for r in rows for s in (r["seed_chosen"], r["seed_rejected"])]
+    assert len(set(seeds)) == len(seeds)  # disjoint: no candidate is used twice
+
+
 def test_evaluate_variants_against_the_base(sd, reward, tmp_path):
     sd.add_lora(rank=2, adapter_name="same")  # B = 0: identical to the base
     sd.add_lora(rank=2, adapter_name="moved")
