@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from apps.pairs import make_pairs
 from reward_models import build_random_reward
@@ -88,6 +90,25 @@ def test_evaluate_variants_against_the_base(sd, reward, tmp_path):
     assert (tmp_path / "grid.png").exists()
     assert json.loads((tmp_path / "report.json").read_text())["base"] == "base"
     sd.set_adapters(None)
+
+
+def test_evaluate_videos_writes_a_playing_side_by_side_grid(tiny_pipeline_dir, tmp_path):
+    from visalign.media import read_video
+
+    wan = load_model(tiny_pipeline_dir("wan"))
+    wan.add_lora(rank=2, adapter_name="moved")
+    with torch.no_grad():
+        for p in wan.lora_parameters("moved"):
+            p.add_(0.5 * torch.randn_like(p))
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    report = evaluate_variants(wan, {"base": None, "moved": "moved"}, prompts, [0, 1], tmp_path, oracle=True,
+                               steps=2, height=32, width=32, num_frames=5)  # fmt: skip
+    assert "oracle/all/direction_acc" in report["variants"]["base"]
+    grid = read_video(tmp_path / "grid.mp4")  # 5 frames of 2 rows (variants) x 2 columns (seeds), 2 px padding
+    assert grid.shape == (5, 3, 2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    first = torch.from_numpy(np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))).movedim(-1, 0) / 255
+    assert (grid[0] - first).abs().mean() < 0.03  # frame 0 of the video is the still grid (codec error aside)
+    assert (grid[:, :, 2:34] - grid[:, :, 36:68]).abs().mean() > 0.01  # the rows are different variants
 
 
 def test_evaluate_cli(tiny_pipeline_dir, tmp_path, capsys):

@@ -204,9 +204,10 @@ def evaluate_variants(
 
     Returns:
         ``{"variants": {name: {metric: value}}, "prompts", "seeds"}``; also writes ``report.json`` and
-        ``grid.png`` (one row per variant, same seeds per column) to ``out_dir``.
+        ``grid.png`` (one row per variant, same seeds per column; videos: their first frames, and ``grid.mp4``
+        playing the same grid) to ``out_dir``.
     """
-    from .media import image_grid, save_image
+    from .media import image_grid, save_image, save_video, video_grid
     from .metrics import frechet_distance, win_rate
     from .monitors import drift_report
 
@@ -248,6 +249,8 @@ def evaluate_variants(
     ncol = min(len(prompts), 8)
     rows = [(m[:, 0] if m.ndim == 5 else m)[:ncol] for m in media.values()]
     save_image(image_grid(torch.cat(rows), nrow=ncol), out / "grid.png")
+    if next(iter(media.values())).ndim == 5:  # videos: the same grid, playing
+        save_video(video_grid(torch.cat([m[:ncol] for m in media.values()]), nrow=ncol), out / "grid.mp4")
     result = {"base": base, "variants": report, "prompts": prompts, "seeds": seeds}
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))

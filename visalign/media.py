@@ -1,4 +1,4 @@
-"""Writing images and videos: PNG, MP4 (ffmpeg via imageio) and GIF, atomically; image grids.
+"""Writing images and videos: PNG, MP4 (ffmpeg via imageio) and GIF, atomically; image and video grids.
 
 Media convention everywhere: float tensors in ``[0, 1]``, RGB, channel-first (``[3, H, W]`` images,
 ``[F, 3, H, W]`` videos).
@@ -95,3 +95,8 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.T
     from torchvision.utils import make_grid
 
     return make_grid(images.float().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0)
+
+
+def video_grid(videos: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
+    """Tile ``[N, F, 3, H, W]`` videos side by side: ``[F, 3, H', W']``, frame ``f`` the grid of every frame ``f``."""
+    return torch.stack([image_grid(videos[:, f], nrow=nrow, padding=padding) for f in range(videos.shape[1])])
