@@ -53,6 +53,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         "DRL",
         "discriminator-guided RL: GRPO toward real data with a real-vs-base discriminator's logit as the reward",
     ),
+    "rwr": Algorithm(
+        "trainers.rwr",
+        "RWRConfig",
+        "RWR",
+        "Flow-RWR: online reward-weighted regression on the model's own samples (softmax of rewards per prompt)",
+    ),
     "llm-dpo": Algorithm(
         "trainers.llm_preference",
         "LLMPreferenceConfig",

@@ -80,7 +80,7 @@ def test_registry_has_trl_names_and_every_algorithm():
                  "apo_zero_unpaired"}  # fmt: skip
     ours = {"cdpo", "simpo", "cpo", "orpo", "npo", "lipo_lambda", "pro", "rankdpo", "poly", "soft", "mapo"}
     assert trl_names | ours <= set(L.available())
-    assert L.available("listwise") == ["lipo_lambda", "pro", "rankdpo"]
+    assert L.available("listwise") == ["lipo_lambda", "pro", "rankdpo", "rwr"]
     assert L.get("sigmoid").params == {"beta": 0.1, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
 
 
@@ -451,6 +451,24 @@ def test_gradients_finite_at_large_margins_unpaired_and_listwise():
     assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
 
 
+def test_rwr_is_a_softmax_weighted_sum_of_errors():
+    errors = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 4.0]], dtype=F64, requires_grad=True)
+    scores = torch.tensor([[0.0, math.log(2.0), math.log(3.0)], [1.0, -math.inf, 1.0]], dtype=F64)
+    losses, metrics = L.get("rwr")(errors=errors, scores=scores, temperature=1.0)
+    # weights 1/6, 2/6, 3/6 and 1/2, 0, 1/2 (the -inf sample is invalid)
+    assert torch.allclose(losses, torch.tensor([(1 + 4 + 9) / 6, 0.5 * 0.5 + 0.5 * 4.0], dtype=F64))
+    losses.sum().backward()
+    assert torch.allclose(errors.grad, torch.tensor([[1 / 6, 2 / 6, 3 / 6], [0.5, 0.0, 0.5]], dtype=F64))
+    assert metrics["rwr/max_weight"].item() == pytest.approx((0.5 + 0.5) / 2)
+    hot, _ = L.get("rwr")(errors=errors.detach(), scores=scores, temperature=1e3)  # nearly uniform over valid
+    cold, _ = L.get("rwr")(errors=errors.detach(), scores=scores, temperature=1e-3)  # the best sample alone
+    assert hot[0].item() == pytest.approx(2.0, abs=1e-2) and cold[0].item() == pytest.approx(3.0)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        L.get("rwr").validate(temperature=0.0)
+    with pytest.raises(VisalignError, match="at least one finite score"):
+        L.get("rwr")(errors=errors, scores=torch.full((2, 3), -math.inf, dtype=F64))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One contract test over every registry entry
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +492,7 @@ def contract_inputs(spec, dtype):
         "logratios": rand(b, k) if spec.kind == "listwise" else rand(b),
         "desirable": torch.tensor([True, False, True, False]), "kl_logratios": rand(b),
         "logps": rand(b, k, lo=-20, hi=-1), "lengths": torch.randint(1, 9, (b, k), generator=g),
-        "scores": rand(b, k, lo=0, hi=1),
+        "scores": rand(b, k, lo=0, hi=1), "errors": rand(b, k, lo=0, hi=1),
     }  # fmt: skip
     inputs = {name: pool[name] for name in spec.inputs}
     for name, value in inputs.items():

@@ -284,6 +284,13 @@ class GRPO:
             "rollout/samples_per_s": n / seconds,
             "advantage/abs_mean": float(ro.advantages.abs().mean()),
         }
+        self.enqueue(ro, generator)
+        return ro
+
+    def enqueue(self, ro: Rollout, generator: torch.Generator) -> None:
+        """Queue the rollout's micro-batches: inner epochs x updates x micro-batches x trained steps."""
+        cfg = self.config
+        n = len(ro.prompts)
         micro = cfg.train_batch_size or n
         per_update = cfg.samples_per_update or n
         for _ in range(cfg.inner_epochs):
@@ -292,7 +299,6 @@ class GRPO:
                 for m in range(u, u + per_update, micro):
                     for slot in range(cfg.trained_steps):  # flow_grpo: timesteps innermost, one backward each
                         self.queue.append((ro, order[m : m + micro], slot))
-        return ro
 
     # ----------------------------------------------------------------- training step
     def recompute(self, ro: Rollout, rows: torch.Tensor, slot: int, reference: bool = False):

@@ -1,4 +1,4 @@
-"""Listwise losses over K candidates per prompt: LiPO-lambda, RankDPO, PRO."""
+"""Listwise losses over K candidates per prompt: LiPO-lambda, RankDPO, PRO, and reward-weighted regression."""
 
 from __future__ import annotations
 
@@ -156,4 +156,36 @@ def pro(
     losses = rank_losses.sum(dim=1) + sft_weight * (k - 1) ** 2 * -pi[:, 0]
     metrics = {"rank_loss": rank_losses.sum(dim=1).mean(), "nll_loss": -pi[:, 0].mean(),
                "rewards/accuracies": (a[:, :1] > a[:, 1:]).to(a.dtype).mean()}  # fmt: skip
+    return losses, _detach(**metrics)
+
+
+def _positive_temperature(value) -> str | None:
+    return None if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else "must be > 0"
+
+
+@register("rwr", kind="listwise", check=_checker("rwr", temperature=_positive_temperature))
+def rwr(*, errors: Tensor, scores: Tensor, temperature: float = 1.0) -> LossOutput:
+    """Reward-weighted regression (Flow-RWR; Liu et al. 2025, "Improving Video Generation with Human Feedback",
+    VideoAlign): ``sum_k softmax(scores / temperature)_k * e_k`` over the K samples of a prompt.
+
+    The weights carry no gradient (scores are labels); a score of ``-inf`` gives its sample weight 0 (an invalid
+    sample), so each list needs at least one finite score.
+
+    Args:
+        errors: ``[B, K]`` per-sample denoising errors of the model's own samples (the regression targets).
+        scores: ``[B, K]`` rewards (or their group-normalised advantages) of those samples.
+        temperature: softmax temperature: small -> regress on the best sample only, large -> on all alike.
+
+    Returns:
+        ``[B]`` losses (one per list), metrics.
+    """
+    _REGISTRY["rwr"].check(temperature=temperature)
+    e, s = _lists("rwr", errors=errors, scores=scores)
+    if not torch.isfinite(s).any(dim=1).all():
+        raise VisalignError("loss 'rwr': every list needs at least one finite score (drop all-invalid lists)")
+    weights = torch.softmax(s.detach() / temperature, dim=1).to(e.dtype)
+    losses = (weights * e).sum(dim=1)
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=1)
+    metrics = {"rwr/max_weight": weights.amax(dim=1).mean(), "rwr/weight_entropy": entropy.mean(),
+               "rwr/error": e.mean()}  # fmt: skip
     return losses, _detach(**metrics)

@@ -29,7 +29,7 @@ TENSOR_INPUTS = frozenset(
         "preference_probs",  # soft labels P(chosen > rejected), [B]
         "chosen_errors", "rejected_errors",  # per-sample mean denoising errors, [B]
         "logratios", "desirable", "kl_logratios",  # unpaired (KTO, NPO): [N], [N] bool, [M]
-        "logps", "lengths", "scores",  # listwise: [B, K] each
+        "logps", "lengths", "scores", "errors",  # listwise: [B, K] each
     }
 )  # fmt: skip
 
