@@ -29,6 +29,7 @@ class DemoConfig:
     seed: int = field(0, help="seed of sampling, training and evaluation")
     per_prompt: int = field(4, help="samples per caption when making pairs")
     repeats: int = field(2, help="passes over the held-in captions when making pairs")
+    pairing: str = field("best-worst", help="best-worst (one pair per caption group) or spread (K/2 pairs)")
     sample_steps: int = field(20, help="sampling steps")
     train_steps: int = field(300, help="DPO optimizer steps")
     batch_size: int = field(16, help="pairs per step")
@@ -42,6 +43,10 @@ class DemoConfig:
     def __post_init__(self):
         if self.per_prompt < 2:
             raise ConfigError(f"per_prompt must be >= 2, got {self.per_prompt}")
+        from apps.pairs import PAIRINGS
+
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"unknown pairing {self.pairing!r}; choose one of {', '.join(PAIRINGS)}")
 
 
 def plot_curves(history: list[dict], path: Path) -> Path:
@@ -108,6 +113,7 @@ def run(cfg: DemoConfig) -> dict:
         per_prompt=cfg.per_prompt,
         seed=cfg.seed + 10_000,
         repeats=cfg.repeats,
+        pairing=cfg.pairing,
         steps=cfg.sample_steps,
         progress=cfg.progress,
     )

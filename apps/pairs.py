@@ -77,6 +77,8 @@ def make_pairs(
     from visalign.evaluation import generate
     from visalign.media import save_image, save_video
 
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
     out = Path(out)
     writer = PreferenceWriter(out)
     texts = [p for _ in range(repeats) for p in prompts for _ in range(per_prompt)]
