@@ -48,7 +48,7 @@ def test_the_loss_is_the_softmax_weighted_error_of_each_group(tmp_path, prompt_f
     x0 = ro.trajectory[:, -1]
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(8)
     with torch.no_grad():
-        errors = task.model.denoising_error(x0, noise, t, index_cond(ro.cond, rows)).view(2, 4)
+        errors = task.model.denoising_error(x0, noise, t, index_cond(ro.cond, rows), ro.uncond, 3.0).view(2, 4)
     weights = torch.softmax(ro.advantages.view(2, 4) / 0.5, dim=1)
     assert loss.item() == pytest.approx(float((weights * errors).sum(1).mean()), rel=1e-5)
     assert metrics["rwr/max_weight"] == pytest.approx(float(weights.amax(1).mean()), rel=1e-5)
@@ -74,11 +74,11 @@ def test_one_update_fits_the_heavily_weighted_samples_better(tmp_path, prompt_fi
     torch.manual_seed(3)
     x0 = ro.trajectory[:, -1].repeat(4, 1, 1, 1)
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(32)
-    cond = index_cond(ro.cond, rows.repeat(4))
+    cond, uncond = index_cond(ro.cond, rows.repeat(4)), index_cond(ro.uncond, rows.repeat(4))
 
     def errors():
         with torch.no_grad():
-            return task.model.denoising_error(x0, noise, t, cond).view(4, 8).mean(0)
+            return task.model.denoising_error(x0, noise, t, cond, uncond, 3.0).view(4, 8).mean(0)
 
     before = errors()
     opt = torch.optim.AdamW(task.params, lr=3e-3)
@@ -112,7 +112,8 @@ def test_invalid_samples_weigh_nothing_and_invalid_groups_are_skipped(tmp_path, 
     x0 = ro.trajectory[:4, -1]  # only the first group is left; its sample 0 gets weight 0
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(4)
     with torch.no_grad():
-        e = task.model.denoising_error(x0, noise, t, index_cond(ro.cond, torch.arange(4)))
+        rows = torch.arange(4)
+        e = task.model.denoising_error(x0, noise, t, index_cond(ro.cond, rows), index_cond(ro.uncond, rows), 3.0)
     w = torch.softmax(ro.advantages[1:4], dim=0)
     assert loss.item() == pytest.approx(float((w * e[1:]).sum()), rel=1e-5)
 

@@ -7,6 +7,11 @@ noised again at fresh training timesteps and the model's denoising errors ``e_k`
 target: ε, v or the flow velocity) are weighted by ``softmax(s / temperature)`` over the group,
 ``loss = sum_k softmax(s / τ)_k e_k`` (:func:`visalign.losses.get` ``"rwr"``), averaged over prompts.
 
+The error is that of the classifier-free-guided prediction, at the rollout's guidance: the samples came from the
+guided model, so the guided model is what regresses on them (its own samples are then a fixed point, which the
+reward weights tilt). Regressing the conditional branch alone on CFG samples sharpens it at every step and
+collapses (measured on toy-sd, CFG 3: oracle strict 60% -> 0.5% in 120 steps).
+
 ``s`` is by default the group-normalised advantage GRPO computes (``(r - mean) / std``, clipped), so the
 temperature means the same for any reward's scale; ``--rwr_scores reward`` uses the raw reward, the formula as
 VideoAlign writes it. No log-probs and no reference pass are needed; the regression keeps the model near its own
@@ -84,7 +89,9 @@ class RWR(GRPO):
         x0 = ro.trajectory[flat.to(ro.trajectory.device), -1]
         noise = torch.randn_like(x0)
         t = model.sample_timesteps(len(flat))
-        errors = model.denoising_error(x0, noise, t, index_cond(ro.cond, flat)).view(rows.shape)
+        uncond = None if ro.uncond is None else index_cond(ro.uncond, flat)
+        errors = model.denoising_error(x0, noise, t, index_cond(ro.cond, flat), uncond, self.guidance)
+        errors = errors.view(rows.shape)
         scores = (ro.advantages if cfg.rwr_scores == "advantage" else ro.rewards)[rows].to(errors.device)
         scores = torch.where(valid.to(errors.device), scores, torch.full_like(scores, -math.inf))
         per_group, metrics = losses.get("rwr")(errors=errors, scores=scores, temperature=cfg.temperature)

@@ -209,10 +209,19 @@ class DiffusionModel:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared training view
-    def denoising_error(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Per-sample mean squared error of the prediction, ``[B]`` float32 (the ELBO surrogate)."""
+    def denoising_error(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        cond: Cond,
+        uncond: Cond | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """Per-sample mean squared error of the prediction, ``[B]`` float32 (the ELBO surrogate); with ``uncond``
+        and ``guidance`` the error of the classifier-free-guided prediction (what sampling uses)."""
         x_t = self.add_noise(x0, noise, t)
-        return per_sample_mse(self.predict(x_t, t, cond), self.target(x0, noise, t))
+        return per_sample_mse(self.guided_predict(x_t, t, cond, uncond, guidance), self.target(x0, noise, t))
 
     def guided_predict(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, guidance: float
