@@ -45,7 +45,8 @@ def test_the_loss_is_the_softmax_weighted_error_of_each_group(tmp_path, prompt_f
     torch.manual_seed(7)
     loss, metrics = task.item_loss(ro, rows, 0)
     torch.manual_seed(7)
-    x0 = ro.trajectory[:, -1]
+    x0 = ro.clean
+    assert x0.shape == ro.trajectory[:, -1].shape and not torch.equal(x0, ro.trajectory[:, -1])
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(8)
     with torch.no_grad():
         errors = task.model.denoising_error(x0, noise, t, index_cond(ro.cond, rows), ro.uncond, 3.0).view(2, 4)
@@ -72,7 +73,7 @@ def test_one_update_fits_the_heavily_weighted_samples_better(tmp_path, prompt_fi
     ro = task.rollout([0])
     rows = torch.arange(8)
     torch.manual_seed(3)
-    x0 = ro.trajectory[:, -1].repeat(4, 1, 1, 1)
+    x0 = ro.clean.repeat(4, 1, 1, 1)
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(32)
     cond, uncond = index_cond(ro.cond, rows.repeat(4)), index_cond(ro.uncond, rows.repeat(4))
 
@@ -109,7 +110,7 @@ def test_invalid_samples_weigh_nothing_and_invalid_groups_are_skipped(tmp_path, 
     torch.manual_seed(0)
     loss, metrics = task.item_loss(ro, rows, 0)
     torch.manual_seed(0)
-    x0 = ro.trajectory[:4, -1]  # only the first group is left; its sample 0 gets weight 0
+    x0 = ro.clean[:4]  # only the first group is left; its sample 0 gets weight 0
     noise, t = torch.randn_like(x0), task.model.sample_timesteps(4)
     with torch.no_grad():
         rows = torch.arange(4)

@@ -73,6 +73,7 @@ class Rollout:
         scheduler: the timestep grid of the rollout (rebuilt identically for training).
         pixels: ``[N, ...]`` decoded samples in [0, 1].
         rewards, valid, advantages: ``[N]`` (NaN rewards are invalid; invalid samples get advantage 0).
+        clean: ``[N, ...]`` the pixels encoded again (RWR's regression targets; ``None`` for GRPO).
     """
 
     prompts: list[str]
@@ -87,6 +88,7 @@ class Rollout:
     rewards: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
     metrics: dict[str, float] = dc_field(default_factory=dict)
 
 

@@ -7,6 +7,11 @@ noised again at fresh training timesteps and the model's denoising errors ``e_k`
 target: ε, v or the flow velocity) are weighted by ``softmax(s / temperature)`` over the group,
 ``loss = sum_k softmax(s / τ)_k e_k`` (:func:`visalign.losses.get` ``"rwr"``), averaged over prompts.
 
+The regression targets are the decoded samples encoded again (the images the reward scored, on the VAE's
+manifold, as offline data would be): the sampler's own final latents sit off it (toy-sd with CFG 3: latent std
+1.13 against 1.07 for encoded renders and for the same images re-encoded), and regressing on them drifts the
+colours within tens of steps.
+
 The error is that of the classifier-free-guided prediction, at the rollout's guidance: the samples came from the
 guided model, so the guided model is what regresses on them (its own samples are then a fixed point, which the
 reward weights tilt). Regressing the conditional branch alone on CFG samples sharpens it at every step and
@@ -71,6 +76,14 @@ class RWR(GRPO):
         micro = cfg.train_batch_size or n
         per_update = cfg.samples_per_update or n
         groups = n // g
+        with torch.no_grad():  # the images the reward saw, as the VAE encodes them (not the sampler's raw latents)
+            chunk = cfg.rollout_batch_size or n
+            ro.clean = torch.cat(
+                [
+                    self.model.encode(ro.pixels[i : i + chunk].to(self.model.device), generator)
+                    for i in range(0, n, chunk)
+                ]
+            )
         for _ in range(cfg.inner_epochs):
             order = torch.randperm(groups, generator=generator) if cfg.shuffle_samples else torch.arange(groups)
             rows = (order[:, None] * g + torch.arange(g)).flatten()
@@ -86,7 +99,7 @@ class RWR(GRPO):
         if rows.numel() == 0:  # no valid sample in these groups: no gradient at all
             return torch.zeros((), requires_grad=True), {"rwr/max_weight": math.nan, "rwr/error": math.nan}
         flat = rows.flatten()
-        x0 = ro.trajectory[flat.to(ro.trajectory.device), -1]
+        x0 = ro.clean[flat.to(ro.clean.device)]
         noise = torch.randn_like(x0)
         t = model.sample_timesteps(len(flat))
         uncond = None if ro.uncond is None else index_cond(ro.uncond, flat)
