@@ -35,6 +35,16 @@ def tiny_pipeline_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    """A prompt file of ``tiny.ONLINE_PROMPTS`` for the online trainers (GRPO, RWR)."""
+    from tiny import ONLINE_PROMPTS
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(ONLINE_PROMPTS) + "\n")
+    return str(path)
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)

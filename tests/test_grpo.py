@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny import VIDEO, build_tiny_pipeline, tiny_model
+from tiny import ONLINE_PROMPTS, VIDEO, build_tiny_pipeline, tiny_model
 from tiny.rewards import Brightness
 
 from reward_models import RewardError, RewardOutput, register_reward
@@ -30,7 +30,6 @@ from visalign.metrics import brightness
 from visalign.models import FAMILIES
 
 FAMILIES_UNDER_TEST = ["sd", "sdxl", "sd3", "flux", "wan", "cogvideox"]
-PROMPTS = ["a red circle", "a blue square", "a green triangle on the left"]
 
 
 class Faulty(Brightness):
@@ -57,13 +56,6 @@ def test_rewards():
     yield
     _REGISTRY.pop("test-brightness", None)
     _REGISTRY.pop("test-darkness", None)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
 
 
 def make(name, tmp_path, prompt_file, reward=None, **kw):
@@ -186,7 +178,7 @@ def test_cfg_noise_sharing_and_text_cache(tmp_path, prompt_file):
     assert torch.equal(x0[0], x0[1]) and torch.equal(x0[1], x0[2]) and not torch.equal(x0[0], x0[3])
     assert not torch.equal(ro.trajectory[0, -1], ro.trajectory[1, -1])  # the SDE noise still differs
     task.rollout([1, 2])
-    assert sorted(p for p in sum(calls, []) if p) == sorted(PROMPTS)  # each prompt (and its CFG branch) once
+    assert sorted(p for p in sum(calls, []) if p) == sorted(ONLINE_PROMPTS)  # each prompt (and its CFG branch) once
     n_calls = len(calls)
     task.rollout([2, 0])
     assert len(calls) == n_calls

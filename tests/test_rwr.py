@@ -17,15 +17,6 @@ from visalign.config import ConfigError
 from visalign.metrics import brightness
 from visalign.models import index_cond
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle on the left"]
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
-
 
 def make(name, tmp_path, prompt_file, reward=None, **kw):
     values = dict(model=f"tiny-{name}", prompts=prompt_file, reward="brightness", output_dir=str(tmp_path / "run"),

@@ -25,6 +25,7 @@ TINY_PIPELINES: dict[str, Callable] = {
 FAMILY_OF = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd3-no-t5": "sd3", "flux": "flux",
              "wan": "wan", "cogvideox": "cogvideox"}
 VIDEO = {"wan", "cogvideox"}
+ONLINE_PROMPTS = ["a red circle", "a blue square", "a green triangle on the left"]  # the online trainers' tests
 
 
 def build_tiny_pipeline(name: str, seed: int = 0):
