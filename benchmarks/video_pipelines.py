@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from visalign.models.cogvideox import RELEASED_SCHEDULER_CONFIG
 from visalign.offline_tokenizers import t5_tokenizer
 
 VIDEO_PRESETS = ("wan-small", "wan-1.3b", "cogvideox-small", "cogvideox-2b")
@@ -96,17 +97,7 @@ def build_cogvideox(full: bool):
         if full
         else AutoencoderKLCogVideoX(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=16)
     )
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        set_alpha_to_one=True,
-        snr_shift_scale=3.0,
-        timestep_spacing="trailing",
-    )
+    scheduler = CogVideoXDDIMScheduler(**RELEASED_SCHEDULER_CONFIG)
     return CogVideoXPipeline(
         tokenizer=tokenizer,
         text_encoder=_t5(T5Config, T5EncoderModel, text, tokenizer),

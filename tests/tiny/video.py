@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from visalign.models.cogvideox import RELEASED_SCHEDULER_CONFIG
 from visalign.offline_tokenizers import t5_tokenizer
 
 TEXT_DIM = 32
@@ -130,17 +131,7 @@ def build_cogvideox(seed: int = 0, rotary: bool = True, scheduler: str = "ddim",
         scaling_factor=1.15258426,
     )
     scheduler_cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[scheduler]
-    scheduler = scheduler_cls(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        set_alpha_to_one=True,
-        snr_shift_scale=3.0,
-        timestep_spacing="trailing",
-    )
+    scheduler = scheduler_cls(**RELEASED_SCHEDULER_CONFIG)
     return CogVideoXPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )

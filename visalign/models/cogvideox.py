@@ -24,6 +24,21 @@ if TYPE_CHECKING:
     from ..sde import Sampler
 
 
+# The scheduler the released CogVideoX checkpoints ship (CogVideoX-2b/5b ``scheduler_config.json``), for pipelines
+# built in code (tests, benchmarks): v-prediction on zero-terminal-SNR betas, trailing timesteps.
+RELEASED_SCHEDULER_CONFIG = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=3.0,
+    timestep_spacing="trailing",
+)
+
+
 @register_family
 class CogVideoXModel(DiffusionModel):
     """CogVideoX text-to-video as a :class:`DiffusionModel` (v-prediction, latents ``[B, F', C, h, w]``)."""
