@@ -1,8 +1,9 @@
 """``visalign toy``: render the shapes world, pretrain its models, and measure them with the oracle.
 
 ``visalign toy render --out DIR --n N --seed S [--video]``: ground-truth renders + ``metadata.jsonl``.
-``visalign toy pretrain --model toy-sd|toy-flow|toy-clip --out DIR --seed S --steps N``: a model folder.
-``visalign toy evaluate --model DIR [--lora L] --n N --seed S --out DIR``: ``report.json`` + ``grid.png``.
+``visalign toy pretrain --model toy-sd|toy-flow|toy-video|toy-clip --out DIR --seed S --steps N``: a model folder.
+``visalign toy evaluate --model DIR [--lora L] --n N --seed S --out DIR``: ``report.json`` + ``grid.png`` (a video
+model is judged by the video oracle on the video captions; its grid shows one video per row).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def run_pretrain(cfg) -> Path:
 class EvaluateConfig:
     """``visalign toy evaluate``: sample held-in and held-out captions and judge them with the oracle."""
 
-    model: str = field(help="a toy pipeline folder (toy-sd, toy-flow, or any SD/SD3 pipeline) or a toy-clip folder")
+    model: str = field(
+        help="a toy pipeline folder (toy-sd, toy-flow, toy-video, or any SD/SD3/Wan pipeline) or a toy-clip folder"
+    )
     out: str = field(help="output folder for report.json and grid.png")
     lora: str | None = field(None, help="LoRA (Diffusers format) to apply to the pipeline")
     n: int = field(64, help="samples per split (held-in and held-out); toy-clip: renders in all")
@@ -142,15 +145,22 @@ def sample_and_judge(
     batch_size: int = 32,
     height: int = 64,
     width: int = 64,
+    num_frames: int | None = None,
     progress: bool = True,
 ):
-    """Sample one image per (caption, seed) with :func:`apps.generate.generate`; returns ``(pixels, verdicts)``."""
+    """Sample one image (or video) per (caption, seed) with :func:`apps.generate.generate`.
+
+    Returns:
+        ``(pixels, verdicts)``: ``[N, 3, H, W]`` and :func:`judge_images`'s verdicts, or for a video model
+        ``[N, F, 3, H, W]`` (``F = num_frames``) and :func:`judge_videos`'s.
+    """
     import torch
 
     from apps.generate import generate
-    from visalign.toyworld import judge_images
+    from visalign.toyworld import judge_images, judge_videos
 
-    pixels = torch.empty(len(captions), 3, height, width)
+    shape = (num_frames, 3, height, width) if model.is_video else (3, height, width)
+    pixels = torch.empty(len(captions), *shape)
     for i, media in generate(
         model,
         captions,
@@ -161,18 +171,24 @@ def sample_and_judge(
         guidance=guidance,
         height=height,
         width=width,
+        num_frames=num_frames,
     ):
         pixels[i] = media.float().cpu()
-    return pixels, judge_images(pixels, captions)
+    return pixels, (judge_videos if model.is_video else judge_images)(pixels, captions)
 
 
 def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -> dict:
-    """Oracle figures of a pipeline on ``n`` held-in and ``n`` held-out captions; writes report and grid."""
+    """Oracle figures of a pipeline on ``n`` held-in and ``n`` held-out captions; writes report and grid.
+
+    Image models sample the image captions at 64x64 (or their ``toyworld.json``'s size); video models the video
+    captions at their ``toyworld.json``'s size and frame count (the world's 8 frames of 32x32 by default).
+    """
     from apps.generate import resolve_device
     from visalign.media import image_grid, save_image
     from visalign.models import load_model
     from visalign.toyworld import sampling_defaults, summarize
     from visalign.toyworld.evaluate import eval_captions
+    from visalign.toyworld.render import VIDEO_FRAMES, VIDEO_SIZE
 
     defaults = sampling_defaults(cfg.model)
     if model is None:
@@ -181,8 +197,11 @@ def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -
             model.load_lora(cfg.lora)
     steps = cfg.steps or defaults.get("steps") or model.default_steps
     guidance = cfg.guidance if cfg.guidance is not None else defaults.get("guidance", model.default_guidance)
-    height, width = defaults.get("height", 64), defaults.get("width", 64)
-    captions = eval_captions(cfg.n, cfg.seed, "held_in") + eval_captions(cfg.n, cfg.seed, "held_out")
+    video = model.is_video
+    size = VIDEO_SIZE if video else 64
+    height, width = defaults.get("height", size), defaults.get("width", size)
+    num_frames = defaults.get("num_frames", VIDEO_FRAMES) if video else None
+    captions = eval_captions(cfg.n, cfg.seed, "held_in", video) + eval_captions(cfg.n, cfg.seed, "held_out", video)
     seeds = [cfg.seed + i for i in range(len(captions))]
     pixels, verdicts = sample_and_judge(
         model,
@@ -193,6 +212,7 @@ def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -
         batch_size=cfg.batch_size,
         height=height,
         width=width,
+        num_frames=num_frames,
         progress=progress,
     )
     summary = summarize(verdicts)
@@ -202,6 +222,7 @@ def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -
         "family": model.family,
         "steps": steps,
         "guidance": guidance,
+        **({"height": height, "width": width, "num_frames": num_frames} if video else {}),
         "seed": cfg.seed,
         "n_per_split": cfg.n,
         "summary": summary,
@@ -211,8 +232,12 @@ def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    shown = list(range(min(cfg.n, 64))) + list(range(cfg.n, cfg.n + min(cfg.n, 32)))
-    save_image(image_grid(pixels[shown], nrow=16), out / "grid.png")
+    if video:  # one video per row, frames left to right: 16 held-in then 8 held-out
+        shown = list(range(min(cfg.n, 16))) + list(range(cfg.n, cfg.n + min(cfg.n, 8)))
+        save_image(image_grid(pixels[shown].flatten(0, 1), nrow=num_frames), out / "grid.png")
+    else:
+        shown = list(range(min(cfg.n, 64))) + list(range(cfg.n, cfg.n + min(cfg.n, 32)))
+        save_image(image_grid(pixels[shown], nrow=16), out / "grid.png")
     return report
 
 
@@ -247,8 +272,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         return report
     report = evaluate_diffusion(cfg)
     s = report["summary"]
+    direction = (
+        f"direction held-in {s['held_in']['direction_acc']:.3f}, held-out {s['held_out']['direction_acc']:.3f}; "
+        if "direction_acc" in s["all"]
+        else ""
+    )
     print(
-        f"object rate {s['all']['object_rate']:.3f}; strict held-in {s['held_in']['strict_acc']:.3f}, "
+        f"object rate {s['all']['object_rate']:.3f}; {direction}strict held-in {s['held_in']['strict_acc']:.3f}, "
         f"held-out {s['held_out']['strict_acc']:.3f} -> {cfg.out}/report.json"
     )
     return report
@@ -263,7 +293,7 @@ def _pretrain_config():
 
 SUBCOMMANDS = {
     "render": (lambda: RenderConfig, run_render, "exact renders (images or videos) with metadata.jsonl"),
-    "pretrain": (_pretrain_config, run_pretrain, "pretrain toy-sd, toy-flow or toy-clip from a seed"),
+    "pretrain": (_pretrain_config, run_pretrain, "pretrain toy-sd, toy-flow, toy-video or toy-clip from a seed"),
     "evaluate": (lambda: EvaluateConfig, run_evaluate, "oracle figures of a model (or toy-clip's accuracy)"),
 }
 

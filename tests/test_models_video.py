@@ -233,3 +233,26 @@ def test_cogvideox_ddim_sampler_without_noise_is_the_ode_path(cog):
     ode = cog.sample(PROMPTS, **kwargs)
     sde = cog.sample(PROMPTS, sde=get_sampler("ddim", eta=0.0), generator=gen(9), **kwargs)
     torch.testing.assert_close(sde.latents, ode.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_without_temporal_compression_takes_any_frame_count():
+    """A Wan VAE with ``scale_factor_temporal=1`` (the shapes world's toy-video): 8 frames give 8 latent frames.
+
+    The released layout still needs 4k + 1 frames. Diffusers' encoder reads frames in chunks of 1 + 4 + 4 ... and
+    would drop frames 5-7 of 8; ``encode`` pads with copies of the last frame and drops their latents, which the
+    causal convolutions make exact: the 8 latents do not depend on what follows.
+    """
+    from visalign.toyworld.recipes import build_toy_video
+
+    model = WanModel(build_toy_video(seed=0))
+    assert model.pipe.vae_scale_factor_temporal == 1 and model.pipe.vae_scale_factor_spatial == 2
+    for frames in (8, 6, 1):
+        assert model.prepare_latents(1, 32, 32, frames, gen(0)).shape == (1, 4, frames, 16, 16)
+    pixels = torch.rand((2, 9, 3, 32, 32), generator=gen(1))
+    eight = model.encode(pixels[:, :8], generator=gen(2))
+    assert eight.shape == (2, 4, 8, 16, 16)
+    nine = model.encode(pixels, generator=gen(2))
+    torch.testing.assert_close(eight, nine[:, :, :8], rtol=1e-4, atol=1e-5)
+    assert model.decode(eight).shape == (2, 8, 3, 32, 32)
+    with pytest.raises(ModelError, match="4k \\+ 1"):
+        WanModel(build_wan()).prepare_latents(1, 32, 32, 8, None)  # the released layout: 4x in time

@@ -1,5 +1,8 @@
 """The shapes-world models: toy tokenizer, pretraining recipes (2-step smoke runs), the shipped models in
-``assets/toyworld/`` (load offline, sample, stay inside the quality band), and ``visalign toy``."""
+``assets/toyworld/`` (load offline, sample, stay inside the quality band), and ``visalign toy``.
+
+toy-video (a ``WanPipeline``) has its own section: its training shortcuts equal Diffusers' computation, its frozen
+text encoder keeps the direction words apart, a CLI smoke run, and the shipped model."""
 
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ from visalign.toyworld.pretrain import (
     tokenize,
 )
 from visalign.toyworld.pretrain_clip import multi_positive_nce
-from visalign.toyworld.recipes import build_toy_flow, build_toy_sd, load_toy_clip, toy_tokenizer
+from visalign.toyworld.recipes import build_toy_flow, build_toy_sd, build_toy_video, load_toy_clip, toy_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
 SHIPPED = ("toy-sd", "toy-flow")
+VIDEO_SIZE = {"height": 32, "width": 32, "num_frames": 8}
 MAX_MODEL_BYTES = 10 * 2**20
 
 
@@ -147,7 +151,10 @@ def test_frozen_text_encoder_and_zero_terminal_snr(smoke):
     assert kept and all(torch.equal(v, source[k]) for k, v in kept.items())  # frozen: exactly toy-flow's weights
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
     assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == (
-        "v_prediction", True, "trailing")
+        "v_prediction",
+        True,
+        "trailing",
+    )
     model = load_model(smoke["toy-sd-v"])
     assert float(model.alphas_cumprod[-1]) == 0.0  # pure noise at t = T: nothing of x0 leaks into x_T
     x0, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
@@ -178,6 +185,8 @@ def test_pretrain_refuses_a_non_empty_folder(tmp_path):
         pretrain(PretrainConfig(model="toy-clip", out=str(tmp_path)))
     with pytest.raises(ConfigError, match="unknown model"):
         PretrainConfig(model="toy-gan", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="save_every"):
+        PretrainConfig(model="toy-sd", out=str(tmp_path), save_every=100)
 
 
 # ----------------------------------------------------------------------------------------------- shipped models
@@ -185,7 +194,7 @@ def folder_bytes(path: Path, suffix: str = ".safetensors") -> int:
     return sum(f.stat().st_size for f in path.rglob(f"*{suffix}"))
 
 
-@pytest.mark.parametrize("name", [*SHIPPED, "toy-clip"])
+@pytest.mark.parametrize("name", [*SHIPPED, "toy-video", "toy-clip"])
 def test_shipped_models_are_small(name):
     assert (ASSETS / name).is_dir(), f"{name} is missing from assets/toyworld"
     assert 0 < folder_bytes(ASSETS / name) <= MAX_MODEL_BYTES
@@ -301,3 +310,158 @@ def test_collapsed_t5_zeros_equal_the_full_sequence():
     assert cond["encoder_hidden_states"].shape[1] == 16 + 256
     torch.testing.assert_close(collapsed, full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.predict(x_t, t, cond), full, rtol=0, atol=0)  # the plain processor is back
+
+
+# ----------------------------------------------------------------------------------------------- toy-video
+@pytest.fixture(scope="module")
+def video_pipe():
+    """A randomly initialised toy-video with its weights perturbed (zero-initialised outputs would hide bugs)."""
+    pipe = build_toy_video(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return pipe
+
+
+def test_toy_video_training_shortcuts_equal_diffusers(video_pipe):
+    """Whole-clip VAE passes equal Diffusers' chunked encode/decode; the collapsed prompt padding (7 tokens with a
+    key bias) equals attending to WanPipeline's 512 zero-padded tokens."""
+    from visalign.models.wan import WanModel
+    from visalign.toyworld.pretrain_video import collapsed_padding, compact_prompt_embeds, vae_forward
+
+    model = WanModel(video_pipe)
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(2, 3, 8, 32, 32, generator=g) * 2 - 1
+    recon, posterior = vae_forward(model.vae, video, torch.Generator().manual_seed(2))
+    diffusers_mean = model.vae.encode(torch.cat([video, video[:, :, -1:]], 2)).latent_dist.mean[:, :, :8]
+    torch.testing.assert_close(posterior.mean, diffusers_mean, rtol=1e-4, atol=1e-4)
+    z = posterior.sample(torch.Generator().manual_seed(2))  # the latent vae_forward decoded
+    torch.testing.assert_close(recon.clamp(-1, 1), model.vae.decode(z).sample, rtol=1e-4, atol=1e-4)
+
+    prompts = ["a red circle moving left", "", "a cyan square moving up"]
+    cond = model.encode_prompt(prompts)
+    embeds, bias = compact_prompt_embeds(model, prompts)
+    assert embeds.shape == (3, 7, 32) and cond["prompt_embeds"].shape == (3, 512, 32)
+    assert bias[0, -1] == pytest.approx(math.log(512 - 6)) and bias[1, 1] == pytest.approx(math.log(511 / 6))
+    x_t, t = torch.randn(3, 4, 8, 16, 16, generator=g), torch.tensor([100.0, 500.0, 900.0])
+    full = model.predict(x_t, t, cond)
+    with collapsed_padding(model.denoiser) as processor:
+        processor.bias = bias[:, None, None, :]
+        collapsed = model.predict(x_t, t, {"prompt_embeds": embeds})
+    torch.testing.assert_close(collapsed, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.predict(x_t, t, cond), full, rtol=0, atol=0)  # Diffusers' processor is back
+
+
+def direction_token_distances(pipe) -> tuple[float, float]:
+    """For "a red circle moving {left,right,up,down}": the smallest distance between the text encoder's outputs at
+    the direction word, and their mean norm."""
+    from visalign.models.wan import WanModel
+
+    model = WanModel(pipe)
+    embeds = model.encode_prompt([f"a red circle moving {d}" for d in ("left", "right", "up", "down")])
+    at_word = embeds["prompt_embeds"][:, 4]
+    distances = torch.cdist(at_word, at_word)
+    return float(distances[~torch.eye(4, dtype=torch.bool)].min()), float(at_word.norm(dim=-1).mean())
+
+
+def test_toy_video_text_encoder_keeps_directions_apart(video_pipe):
+    """The frozen random UMT5 encoder separates the direction words about as far as unrelated random vectors
+    (sqrt(2) x their norm): the collapse that made toy-sd ignore position words cannot happen."""
+    closest, norm = direction_token_distances(video_pipe)
+    assert closest > 0.8 * norm, (closest, norm)
+
+
+@pytest.fixture(scope="module")
+def video_smoke(tmp_path_factory):
+    """A 3-step toy-video pretraining run from the CLI (VAE stage included), with a stage saved at step 2."""
+    out = tmp_path_factory.mktemp("toy-video") / "run"
+    toy.main(["pretrain", "--model", "toy-video", "--out", str(out), "--seed", "0", "--steps", "3",
+              "--batch_size", "2", "--vae_steps", "2", "--vae_batch_size", "2", "--train_images", "4",
+              "--stats_images", "4", "--check_images", "4", "--sample_every", "2", "--save_every", "2",
+              "--sample_steps", "2", "--log_every", "1", "--progress", "false"])  # fmt: skip
+    return out
+
+
+def test_toy_video_pretraining_smoke_writes_a_loadable_pipeline(video_smoke):
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    out = video_smoke
+    info = json.loads((out / "toyworld.json").read_text())
+    assert info["model"] == "toy-video" and info["recipe"]["steps"] == 3
+    assert info["command"].startswith("visalign toy pretrain --model toy-video --out ")
+    assert info["sampling"] == {"steps": 2, "guidance": 3.0, **VIDEO_SIZE}
+    assert info["vae_reconstruction_oracle"]["all"]["n"] == 4 and len(info["latents_mean"]) == 4
+    stages = [r.split(",")[0] for r in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert stages == ["vae", "vae", "toy-video", "toy-video", "toy-video"]
+    assert (out / "samples.png").is_file() and (out / "samples" / "step_000002.png").is_file()
+    stage = out / "stages" / "step_000002"
+    assert json.loads((stage / "toyworld.json").read_text())["stage_step"] == 2
+    vae = AutoencoderKLWan.from_pretrained(out / "vae")
+    assert vae.config.latents_mean == info["latents_mean"] and vae.config.scale_factor_temporal == 1
+    # the VAE was trained and its statistics set; the text encoder is exactly the seed's random one (frozen)
+    fresh = build_toy_video(seed=0)
+    assert not torch.equal(vae.quant_conv.weight, fresh.vae.quant_conv.weight)
+    saved = WanPipeline.from_pretrained(out)
+    for key, value in fresh.text_encoder.state_dict().items():
+        torch.testing.assert_close(saved.text_encoder.state_dict()[key], value, rtol=0, atol=0)
+    for folder in (out, stage):
+        model = load_model(folder)
+        assert model.family == "wan"
+        video = model.sample(["a red circle moving left"], steps=2, guidance=3.0, **VIDEO_SIZE).pixels
+        assert video.shape == (1, 8, 3, 32, 32)
+
+
+def test_toy_video_vae_reuse_needs_a_wan_vae(video_smoke):
+    from visalign.errors import ConfigError
+    from visalign.toyworld.pretrain_video import load_video_vae
+
+    assert load_video_vae(video_smoke).config.scale_factor_temporal == 1
+    with pytest.raises(ConfigError, match="AutoencoderKLWan"):
+        load_video_vae(ASSETS / "toy-sd")  # an image AutoencoderKL
+
+
+def test_shipped_toy_video_loads_and_samples_videos(shipped):
+    """load_model and plain Diffusers both load it; samples are [N, 8, 3, 32, 32] in [0, 1] (plain WanPipeline
+    returns 9 frames for num_frames=8: with temporal factor 1 it 'rounds' every count up by one)."""
+    from diffusers import WanPipeline
+
+    folder = ASSETS / "toy-video"
+    model = shipped("toy-video")
+    sampling = sampling_defaults(folder)
+    assert {k: sampling[k] for k in VIDEO_SIZE} == VIDEO_SIZE
+    out = model.sample(["a red circle moving left", "a cyan square moving up"], steps=4, guidance=3.0,
+                       generator=torch.Generator().manual_seed(0), **VIDEO_SIZE)  # fmt: skip
+    assert out.pixels.shape == (2, 8, 3, 32, 32) and out.latents.shape == (2, 4, 8, 16, 16)
+    assert 0 <= out.pixels.min() and out.pixels.max() <= 1 and out.pixels.std() > 0.05
+    pipe = WanPipeline.from_pretrained(folder)
+    frames = pipe("a red circle moving left", num_inference_steps=2, output_type="pt", **VIDEO_SIZE).frames
+    assert frames.shape == (1, 9, 3, 32, 32)
+    info = json.loads((folder / "toyworld.json").read_text())
+    assert info["vae_reconstruction_oracle"]["all"]["strict_acc"] >= 0.95
+
+
+def test_shipped_toy_video_stays_inside_the_quality_band(shipped):
+    """On 32 held-in captions (fixed seeds, 10 steps, the recorded guidance): objects in >= 90% of the videos and
+    strict accuracy <= 85% (room to align), but the world was learned. n=128 per split: assets/toyworld/README.md."""
+    model = shipped("toy-video")
+    captions = eval_captions(32, 0, "held_in", video=True)
+    _, verdicts = toy.sample_and_judge(model, captions, list(range(32)), steps=10,
+                                       guidance=sampling_defaults(ASSETS / "toy-video")["guidance"], batch_size=32,
+                                       progress=False, **VIDEO_SIZE)  # fmt: skip
+    s = summarize(verdicts)["held_in"]
+    assert s["object_rate"] >= 0.90, s
+    assert s["strict_acc"] <= 0.85, s
+    assert s["strict_acc"] >= 0.25 and s["direction_acc"] >= 0.4, s
+
+
+def test_cli_evaluate_a_video_model(tmp_path, capsys):
+    toy.main(["evaluate", "--model", str(ASSETS / "toy-video"), "--out", str(tmp_path / "e"), "--n", "2",
+              "--steps", "2", "--device", "cpu"])  # fmt: skip
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["family"] == "wan" and report["num_frames"] == 8
+    held_in = report["summary"]["held_in"]
+    assert held_in["n"] == 2 and "direction_acc" in held_in and "consistency" in held_in
+    assert all(" moving " in s["caption"] for s in report["samples"]) and len(report["samples"]) == 4
+    assert len(report["samples"][0]["colors"]) == 8 and (tmp_path / "e" / "grid.png").is_file()
+    assert "direction held-in" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Wan 2.1 / 2.2 text-to-video (``WanPipeline``): a flow-matching transformer on a causal video VAE.
 
 Latent layout: ``[B, C, F', h, w]``, the layout ``WanTransformer3DModel`` takes, with ``F' = (F - 1) / 4 + 1``
-and ``h, w = H / 8, W / 8`` for the released VAE. Latents are normalised per channel with the VAE's
+and ``h, w = H / 8, W / 8`` for the released VAE (``F' = F`` for a VAE with ``scale_factor_temporal=1``, whose
+frame count is free: see :meth:`prepare_latents`). Latents are normalised per channel with the VAE's
 ``latents_mean`` / ``latents_std`` exactly as ``WanPipeline.__call__`` undoes them before decoding.
 
 Training view (rectified flow, as SD3): ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``,
@@ -84,7 +85,8 @@ class WanModel(FlowMatchingModel):
         """Videos to normalised latents.
 
         Args:
-            pixels: ``[B, F, 3, H, W]`` float in ``[0, 1]``; ``F = 4k + 1`` for the released VAE.
+            pixels: ``[B, F, 3, H, W]`` float in ``[0, 1]``; ``F = 4k + 1`` for the released VAE, any ``F`` for a VAE
+                without temporal compression (``scale_factor_temporal=1``, as the shapes world's toy-video).
             generator: draws the VAE posterior sample (a fresh sample per call, as latent-diffusion training does).
 
         Returns:
@@ -92,7 +94,14 @@ class WanModel(FlowMatchingModel):
         """
         _check_video(pixels)
         video = pixels.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
-        z = self.vae.encode(video).latent_dist.sample(generator=generator).float()
+        frames = video.shape[2]
+        if self.pipe.vae_scale_factor_temporal == 1 and (frames - 1) % 4:
+            # The encoder reads frames in chunks of 1 + 4 + 4 ... and silently drops a remainder. Without temporal
+            # compression latent frame i depends only on frames <= i (causal convolutions), so padding with copies
+            # of the last frame and dropping their latents is exact.
+            pad = 4 - (frames - 1) % 4
+            video = torch.cat([video, video[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
+        z = self.vae.encode(video).latent_dist.sample(generator=generator)[:, :, :frames].float()
         mean, std = self._latent_stats
         return (z - mean) * (1.0 / std)
 
@@ -160,10 +169,13 @@ class WanModel(FlowMatchingModel):
         """Initial noise ``[B, C, F', h, w]`` float32, drawn by ``WanPipeline.prepare_latents`` itself.
 
         Unlike the pipeline, sizes it would round (with a warning) are rejected, so the output size is the one asked.
+        With ``scale_factor_temporal=1`` any ``num_frames`` is taken as is; plain ``WanPipeline.__call__`` (diffusers
+        0.42) still "rounds" it, since ``num_frames % 1 != 1``, to ``num_frames + 1`` (8 frames become 9).
         """
         num_frames = num_frames or self.default_num_frames
         temporal = self.pipe.vae_scale_factor_temporal
-        if num_frames % temporal != 1:
+        # a VAE without temporal compression (factor 1) takes any frame count
+        if temporal > 1 and num_frames % temporal != 1:
             raise ModelError(f"Wan needs num_frames = {temporal}k + 1 (e.g. 81 or {temporal + 1}), got {num_frames}")
         _, patch_h, patch_w = self.denoiser.config.patch_size
         # check_inputs wants multiples of 16; patchification wants multiples of vae factor x patch size

@@ -9,15 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .captions import COLORS, SHAPES, Caption, all_captions, parse_caption
+from .captions import COLORS, SHAPES, Caption, all_captions, caption_texts, parse_caption
 from .render import render_images
 
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
-def eval_captions(n: int, seed: int, split: str) -> list[str]:
-    """``n`` captions of a split, cycling through a seeded permutation (every caption before any repeats)."""
-    captions = [c.text for c in all_captions(split)]
+def eval_captions(n: int, seed: int, split: str, video: bool = False) -> list[str]:
+    """``n`` captions of a split (video captions if ``video``), cycling through a seeded permutation (every
+    caption before any repeats)."""
+    captions = caption_texts(split, video=video)
     order = np.random.default_rng((seed, 11)).permutation(len(captions))
     return [captions[order[i % len(captions)]] for i in range(n)]
 

@@ -13,6 +13,8 @@ Every recipe trains only on **held-in** captions (the renders of held-out combin
   :class:`CollapsedZerosJointAttnProcessor`). Captions are dropped (replaced by ``""``) 10% of the time so
   classifier-free guidance works. AdamW, warm-up then cosine decay, gradient clipping at 1; the weights saved
   are an exponential moving average (EMA) of the trained ones.
+* ``toy-video`` (:mod:`.pretrain_video`): the same two stages for a ``WanPipeline`` on 8-frame videos (its own
+  ``AutoencoderKLWan``, then the transformer alone under a frozen random UMT5 encoder).
 * ``toy-clip`` (:mod:`.pretrain_clip`): contrastive, with hard negatives. The caption set is small, so each
   image is scored against **every** held-in caption: all wrong-colour, wrong-shape and wrong-position
   captions are negatives in every batch. An image can match several captions (an object at the top left is
@@ -52,7 +54,7 @@ from .recipes import (
 )
 from .render import IMAGE_SIZE, render_images
 
-MODELS = ("toy-sd", "toy-flow", "toy-clip")
+MODELS = ("toy-sd", "toy-flow", "toy-video", "toy-clip")
 
 # Per-model defaults for the fields left at None; the shipped models were trained with exactly these
 # (and the seed recorded in their toyworld.json).
@@ -60,7 +62,22 @@ RECIPE_DEFAULTS: dict[str, dict] = {
     "toy-sd": {"steps": 6000, "batch_size": 32, "lr": 1e-3, "sample_steps": 20, "guidance": 3.0},
     "toy-flow": {"steps": 8000, "batch_size": 32, "lr": 1e-3, "sample_steps": 20, "guidance": 3.0},
     "toy-clip": {"steps": 2000, "batch_size": 64, "lr": 2e-3, "sample_steps": 0, "guidance": 0.0},
+    # toy-video (pretrain_video.py): the VAE trains on 8 videos (64 frames) a step, the transformer on a cache of
+    # 8,000 encoded videos
+    "toy-video": {
+        "steps": 8000,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "sample_steps": 20,
+        "guidance": 3.0,
+        "vae_steps": 2400,
+        "vae_batch_size": 8,
+        "train_images": 8000,
+        "stats_images": 512,
+    },
 }
+# fields an entry of RECIPE_DEFAULTS may leave out, with the value every image recipe uses
+COMMON_DEFAULTS = {"vae_steps": 2000, "vae_batch_size": 16, "train_images": 20000, "stats_images": 2048}
 
 # captions shown in every sample grid: two rows of held-in, one row of held-out
 GRID_CAPTIONS = (
@@ -95,7 +112,7 @@ GRID_CAPTIONS = (
 class PretrainConfig:
     """``visalign toy pretrain``: pretrain a shapes-world model from a seed."""
 
-    model: Literal["toy-sd", "toy-flow", "toy-clip"] = field(help="which model to pretrain")
+    model: Literal["toy-sd", "toy-flow", "toy-video", "toy-clip"] = field(help="which model to pretrain")
     out: str = field(help="output folder (becomes the model folder)")
     seed: int = field(0, help="seed of initialisation, data and noise")
     steps: int | None = field(None, help="training steps (default: the recipe's)")
@@ -103,11 +120,11 @@ class PretrainConfig:
     lr: float | None = field(None, help="peak AdamW learning rate, warm-up then cosine to a tenth (default: recipe's)")
     warmup: int = field(200, help="learning-rate warm-up steps")
     vae: str | None = field(None, help="reuse the VAE of this pipeline folder (or VAE folder) instead of training one")
-    vae_steps: int = field(2000, help="VAE training steps (when --vae is not given)")
-    vae_batch_size: int = field(16, help="VAE batch size")
+    vae_steps: int | None = field(None, help="VAE training steps (when --vae is not given; default: the recipe's)")
+    vae_batch_size: int | None = field(None, help="VAE batch size (videos for toy-video; default: the recipe's)")
     vae_lr: float = field(1e-3, help="VAE peak learning rate")
-    train_images: int = field(20000, help="renders in the latent cache the denoiser trains on")
-    stats_images: int = field(2048, help="renders whose latents set the VAE's scaling (and shift) factor")
+    train_images: int | None = field(None, help="renders (videos) in the latent cache the denoiser trains on")
+    stats_images: int | None = field(None, help="renders whose latents set the VAE's scaling (and shift) factor")
     check_images: int = field(256, help="renders whose VAE reconstructions the oracle checks (0: skip)")
     prediction: Literal["epsilon", "v_prediction"] = field(
         "epsilon", help="toy-sd's prediction target (v_prediction with --zero_snr: Lin et al. 2024)"
@@ -119,6 +136,7 @@ class PretrainConfig:
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (for CFG)")
     ema_decay: float = field(0.999, help="EMA decay of the saved weights (0 disables EMA)")
     sample_every: int = field(1000, help="save a sample grid every N steps (0: only at the end)")
+    save_every: int = field(0, help="toy-video: also save the EMA pipeline every N steps in stages/ (0: never)")
     sample_steps: int | None = field(None, help="sampling steps of the grids and the recorded default")
     guidance: float | None = field(None, help="CFG scale of the grids and the recorded default")
     log_every: int = field(25, help="write the loss to losses.csv every N steps")
@@ -128,7 +146,7 @@ class PretrainConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        for name, value in RECIPE_DEFAULTS[self.model].items():
+        for name, value in {**COMMON_DEFAULTS, **RECIPE_DEFAULTS[self.model]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         for name in ("steps", "batch_size", "vae_steps", "vae_batch_size", "train_images", "stats_images"):
@@ -138,6 +156,8 @@ class PretrainConfig:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.save_every and self.model != "toy-video":
+            raise ConfigError(f"--save_every saves stages of toy-video only; drop it for {self.model}")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -560,6 +580,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         from .pretrain_clip import train_clip
 
         details = train_clip(cfg, out)
+    elif cfg.model == "toy-video":
+        from .pretrain_video import train_video
+
+        details = train_video(cfg, out)  # its "sampling" and "latent_size" replace the image ones below
     else:
         details = train_diffusion(cfg, out)
     info = {
@@ -569,7 +593,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         + (f" --vae {cfg.vae}" if cfg.vae else "")
         + (f" --text_encoder {cfg.text_encoder}" if cfg.text_encoder else "")
         + (f" --prediction {cfg.prediction}" if cfg.prediction != "epsilon" else "")
-        + (" --zero_snr" if cfg.zero_snr else ""),
+        + (" --zero_snr" if cfg.zero_snr else "")
+        + (f" --save_every {cfg.save_every}" if cfg.save_every else "")
+        + (f" --threads {cfg.threads}" if cfg.threads else ""),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "sampling": {"steps": cfg.sample_steps, "guidance": cfg.guidance, "height": IMAGE_SIZE, "width": IMAGE_SIZE}

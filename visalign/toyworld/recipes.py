@@ -18,6 +18,10 @@ cores in minutes:
 * **toy-flow**: ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, 64 wide), two ``CLIPTextModelWithProjection``
   (32 wide each: their penultimate states concatenate to the 64-wide joint attention input), no T5
   (``text_encoder_3=None``), ``FlowMatchEulerDiscreteScheduler`` (shift 3).
+* **toy-video**: ``WanPipeline`` on 8-frame 32x32 videos: ``AutoencoderKLWan`` (base 16 channels, 4 latent channels,
+  2x spatial and **no temporal** compression, so 8 frames stay 8 latent frames of 16x16), ``WanTransformer3DModel``
+  (patch 1x4x4: 16 tokens per frame, 4 blocks, 64 wide), a frozen randomly initialised ``UMT5EncoderModel`` (32 wide,
+  one layer) with the small offline T5 tokenizer, and UniPC with flow sigmas (``flow_shift=3``) as Wan ships.
 * **toy-clip**: an open_clip ``CLIP`` (ViT 64 px, patch 8; text tower 32 wide) registered as the custom config
   ``toy-clip``; it keeps open_clip's own BPE tokenizer (49,408 tokens, context 16) so that
   ``open_clip.get_tokenizer("toy-clip")`` works offline and the 32-wide embedding is 6.3 MB.
@@ -35,7 +39,7 @@ import torch
 
 from ..offline_tokenizers import WORDS
 from .captions import COLORS, DIRECTIONS, POSITIONS, SHAPES
-from .render import IMAGE_SIZE
+from .render import IMAGE_SIZE, VIDEO_SIZE
 
 TOKENIZER_MAX_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -229,9 +233,7 @@ def flow_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def build_toy_sd(
-    seed: int = 0, vae=None, prediction_type: str = "epsilon", zero_snr: bool = False, text_encoder=None
-):
+def build_toy_sd(seed: int = 0, vae=None, prediction_type: str = "epsilon", zero_snr: bool = False, text_encoder=None):
     """A randomly initialised toy-sd ``StableDiffusionPipeline`` (``vae``, ``text_encoder``: reuse trained ones;
     the UNet's cross-attention then takes the text encoder's width)."""
     from diffusers import StableDiffusionPipeline
@@ -271,6 +273,117 @@ def build_toy_flow(seed: int = 0, vae=None):
         tokenizer_2=toy_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- toy-video
+VIDEO_LATENT_CHANNELS = 4
+# 2x, not 4x: objects of 8-14 px then span 4-7 latent pixels, as the image VAE's 16-30 px do at 4x. At 4x the
+# decoder's edges stayed blurred: the halo of mixed colours moved the oracle's median colour (red read as purple) and
+# rounded the corners, 22% strict on reconstructions after 1,200 steps (2x: 18% vs 4% after 500 steps already)
+VIDEO_VAE_FACTOR = 2
+VIDEO_LATENT_SIZE = VIDEO_SIZE // VIDEO_VAE_FACTOR
+VIDEO_TEXT_DIM = 32
+
+
+def toy_video_vae(seed: int = 0):
+    """``AutoencoderKLWan`` [3, F, 32, 32] <-> [4, F, 16, 16]: 2x in space, none in time (latent statistics set later).
+
+    Wan's VAE compresses time 4x and wants ``4k + 1`` frames; the world's videos have 8, so time is not compressed
+    (``temperal_downsample=[False]``, ``scale_factor_temporal=1``) and every frame keeps its own latent.
+    Its encoder still reads frames in chunks of 1 + 4 + 4 ...: :meth:`visalign.models.wan.WanModel.encode` pads 8
+    frames to 9 by repeating the last one and drops its latent, which the causal convolutions make exact.
+    """
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=16,
+        z_dim=VIDEO_LATENT_CHANNELS,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * VIDEO_LATENT_CHANNELS,
+        latents_std=[1.0] * VIDEO_LATENT_CHANNELS,
+        scale_factor_temporal=1,
+        scale_factor_spatial=VIDEO_VAE_FACTOR,
+    )
+    # posterior std starts at 0.02, not 1 (see toy_vae: noisy latents round every corner)
+    with torch.no_grad():
+        vae.quant_conv.bias[VIDEO_LATENT_CHANNELS:] = -8.0
+    return vae
+
+
+def toy_video_text_encoder(seed: int = 0):
+    """A randomly initialised, frozen ``UMT5EncoderModel`` (32 wide, one layer) and its small offline T5 tokenizer.
+
+    Never trained: trained jointly with the denoiser, toy-sd's text encoder collapsed the position words (left and
+    right 0.025 apart) and the denoiser then ignored them. Random token embeddings keep the direction words apart.
+    """
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ..offline_tokenizers import t5_tokenizer
+
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=VIDEO_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer
+
+
+def toy_video_transformer(seed: int = 0):
+    """``WanTransformer3DModel`` on [4, 8, 16, 16] latents: patch 1x4x4 (128 tokens, 8x8 pixels each), 4 blocks, 64
+    wide."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 4, 4),
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=VIDEO_LATENT_CHANNELS,
+        out_channels=VIDEO_LATENT_CHANNELS,
+        text_dim=VIDEO_TEXT_DIM,
+        freq_dim=64,
+        ffn_dim=128,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def video_scheduler():
+    """UniPC with flow sigmas and ``flow_shift=3``, as Wan2.1-T2V ships (the shift also sets the training sigmas)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+
+
+def build_toy_video(seed: int = 0, vae=None):
+    """A randomly initialised toy-video ``WanPipeline`` (``vae``: reuse a trained one)."""
+    from diffusers import WanPipeline
+
+    text_encoder, tokenizer = toy_video_text_encoder(seed + 2)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=copy.deepcopy(vae) if vae is not None else toy_video_vae(seed + 1),
+        scheduler=video_scheduler(),
+        transformer=toy_video_transformer(seed),
     )
 
 
