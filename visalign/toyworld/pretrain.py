@@ -415,13 +415,18 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_latent_cache(model, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, list[str]]:
-    """Encode ``n`` held-in renders with the family's ``encode`` (a posterior sample, as its training scripts)."""
+def build_latent_cache(
+    model, n: int, seed: int, batch: int = 256, renders=held_in_batch
+) -> tuple[torch.Tensor, list[str]]:
+    """Encode ``n`` held-in renders with the family's ``encode`` (a posterior sample, as its training scripts).
+
+    ``renders(rng, size, seed, start) -> (media, scenes)`` draws them: images by default (videos for toy-video).
+    """
     rng = np.random.default_rng((seed, 3))
     gen = torch.Generator().manual_seed(seed + 3)
     latents, captions = [], []
     for start in range(0, n, batch):
-        images, scenes = held_in_batch(rng, min(batch, n - start), seed + 4_000_037, start)
+        images, scenes = renders(rng, min(batch, n - start), seed + 4_000_037, start)
         latents.append(model.encode(images, generator=gen).float())
         captions += [s.caption for s in scenes]
     return torch.cat(latents), captions

@@ -38,7 +38,17 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .captions import BACKGROUND, caption_texts
 from .oracle import judge_videos, summarize
-from .pretrain import EMA, LossLog, PretrainConfig, _eval_mode, _save_grid, _train_mode, _trainable, lr_at
+from .pretrain import (
+    EMA,
+    LossLog,
+    PretrainConfig,
+    _eval_mode,
+    _save_grid,
+    _train_mode,
+    _trainable,
+    build_latent_cache,
+    lr_at,
+)
 from .recipes import VIDEO_LATENT_SIZE, build_toy_video, toy_video_vae
 from .render import VIDEO_FRAMES, VIDEO_SIZE, render_videos
 
@@ -225,21 +235,6 @@ def compact_prompt_embeds(model, prompts: list[str]) -> tuple[torch.Tensor, torc
 
 # ----------------------------------------------------------------------------------------------- diffusion
 @torch.no_grad()
-def build_video_latent_cache(model, n: int, seed: int, batch: int = 64) -> tuple[torch.Tensor, list[str]]:
-    """Encode ``n`` held-in video renders with ``model.encode`` (a posterior sample): ``([n, C, 8, 16, 16], caps)``.
-
-    Held-in videos only; held-out combinations are never rendered for pretraining."""
-    rng = np.random.default_rng((seed, 3))
-    gen = torch.Generator().manual_seed(seed + 3)
-    latents, captions = [], []
-    for start in range(0, n, batch):
-        videos, scenes = video_batch(rng, min(batch, n - start), seed + 4_000_037, start)
-        latents.append(model.encode(videos, generator=gen).float())
-        captions += [s.caption for s in scenes]
-    return torch.cat(latents), captions
-
-
-@torch.no_grad()
 def sample_video_grid(model, captions: list[str], steps: int, guidance: float, seed: int):
     """One video per caption (video ``i`` from seed ``seed + i``): ``(videos [N, 8, 3, 32, 32], oracle summary)``."""
     from ..evaluation import sample_all
@@ -301,7 +296,7 @@ def train_video(cfg: PretrainConfig, out: Path) -> dict:
     vae_report = video_vae_report(model, seed, cfg.check_images) if cfg.check_images else None
     if vae_report is not None:
         tqdm.write(f"VAE reconstructions: strict {vae_report['all']['strict_acc']:.3f} (n={cfg.check_images})")
-    cache, captions = build_video_latent_cache(model, cfg.train_images, seed)
+    cache, captions = build_latent_cache(model, cfg.train_images, seed, batch=64, renders=video_batch)
     prompts = sorted(set(captions)) + [""]
     embeds, bias = compact_prompt_embeds(model, prompts)
     prompt_index = torch.tensor([prompts.index(c) for c in captions])
