@@ -459,6 +459,19 @@ def _save_grid(pixels: torch.Tensor, path: Path, nrow: int = 8) -> None:
     save_image(image_grid(pixels, nrow=nrow), path)
 
 
+def optimizer_step(loss, opt, params, ema, step: int, lr: float, cfg, log, bar) -> None:
+    """One step of the pretraining loops: backward, clip at 1, AdamW, EMA, and the loss log every ``log_every``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if ema is not None:
+        ema.update(step)
+    if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        log.write(step, loss.item(), lr)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
     """Pretrain toy-sd or toy-flow into ``out``; returns the summary written to ``toyworld.json``."""
     from ..models.sd import StableDiffusion
@@ -519,15 +532,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
         else:
             pred = model.predict(model.add_noise(x0, noise, t), t, cond)
         loss = (pred.float() - model.target(x0, noise, t).float()).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            ema.update(step)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.write(step, loss.item(), lr)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, params, ema, step, lr, cfg, log, bar)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             with ema.applied() if ema is not None else contextlib.nullcontext():
                 _eval_mode(trainable)

@@ -48,6 +48,7 @@ from .pretrain import (
     _trainable,
     build_latent_cache,
     lr_at,
+    optimizer_step,
 )
 from .recipes import VIDEO_LATENT_SIZE, build_toy_video, toy_video_vae
 from .render import VIDEO_FRAMES, VIDEO_SIZE, render_videos
@@ -323,15 +324,7 @@ def train_video(cfg: PretrainConfig, out: Path) -> dict:
             processor.bias = bias[batch_prompts][:, None, None, :]
             pred = model.predict(model.add_noise(x0, noise, t), t, {"prompt_embeds": embeds[batch_prompts]})
         loss = (pred.float() - model.target(x0, noise, t).float()).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            ema.update(step)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.write(step, loss.item(), lr)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, params, ema, step, lr, cfg, log, bar)
         done = step + 1
         grid_now = cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps
         save_now = cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps
