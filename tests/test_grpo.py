@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny import ONLINE_PROMPTS, VIDEO, build_tiny_pipeline, tiny_model
+from tiny import ONLINE_PROMPTS, VIDEO, build_tiny_pipeline, tiny_model, train_moves_only_lora
 from tiny.rewards import Brightness
 
 from reward_models import RewardError, RewardOutput, register_reward
@@ -69,30 +69,18 @@ def make(name, tmp_path, prompt_file, reward=None, **kw):
     return GRPO(cfg, model=tiny_model(name), reward=reward or Brightness())
 
 
-def split_params(task):
-    named = dict(task.model.denoiser.named_parameters())
-    base = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
-    lora = {n: p.detach().clone() for n, p in named.items() if "lora_" in n}
-    return base, lora
-
-
 @pytest.mark.parametrize("name", FAMILIES_UNDER_TEST)
 def test_porting_checks_first_ratio_and_lora_only_update(tmp_path, prompt_file, name):
     task = make(name, tmp_path, prompt_file, beta_kl=0.04)
     checks = task.porting_checks([0])
     assert checks["ode_max_abs_diff"] < 1e-5  # noise 0 == the first-order ODE on the same grid
     assert checks["logprob_max_abs_diff"] == 0.0 and checks["ratio_max_abs_dev"] == 0.0  # bit-exact in fp32
-    base, lora = split_params(task)
     loss, metrics = task.loss([0, 1])  # one inner epoch, one update: every micro-batch sees the rollout's weights
     assert metrics["ratio"] == 1.0 and metrics["clipfrac"] == 0.0 and metrics["kl"] == 0.0  # LoRA B = 0
     ro, rows, slot = task.queue[0]
     assert loss.item() == pytest.approx(-float(ro.advantages[rows].mean()), abs=1e-7)  # -A rho at rho = 1
     task.queue.clear()
-    Trainer(task).train()
-    after = dict(task.model.denoiser.named_parameters())
-    assert all(torch.equal(after[n], v) for n, v in base.items())
-    assert any(not torch.equal(after[n], v) for n, v in lora.items())
-    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").exists()
+    train_moves_only_lora(task)  # loss() took no step: the weights are still the initial ones
 
 
 def test_bf16_rollout_log_probs_are_those_of_the_kept_samples(tmp_path, prompt_file):

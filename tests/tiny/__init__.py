@@ -7,6 +7,9 @@ family module exposes builders; sizes are chosen so that a forward pass takes mi
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 from . import flow, sd, video
 
@@ -41,3 +44,17 @@ def tiny_model(name: str = "sd", seed: int = 0):
     model = FAMILIES[FAMILY_OF[name]](build_tiny_pipeline(name, seed=seed))
     model.source = f"tiny-{name}"
     return model
+
+
+def train_moves_only_lora(task) -> None:
+    """Run the shared loop on ``task`` and assert it changed LoRA weights only (and some of them) and exported."""
+    from trainers.base import Trainer
+
+    denoiser = task.model.denoiser
+    base = {n: p.detach().clone() for n, p in denoiser.named_parameters() if "lora_" not in n}
+    lora = {n: p.detach().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
+    Trainer(task).train()
+    after = dict(denoiser.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in base.items()), "a base weight changed"
+    assert any(not torch.equal(after[n], v) for n, v in lora.items()), "no LoRA weight changed"
+    assert (Path(task.config.output_dir) / "final" / "pytorch_lora_weights.safetensors").exists()

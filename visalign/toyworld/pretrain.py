@@ -259,13 +259,7 @@ def train_vae(cfg: PretrainConfig, out: Path, seed: int):
         # L1 keeps edges sharp, MSE the colours. The KL only regularises: SD weighs it 1e-6 against a loss summed
         # over pixels; this loss is a mean over 12,288 values, hence 1e-8 (more would grow the posterior noise)
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-8 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
-            log.write(step, loss.item(), lr)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, params, None, step, lr, cfg, log, bar, last=cfg.vae_steps - 1)
     log.close()
     vae.requires_grad_(False)
     vae.eval()
@@ -459,15 +453,16 @@ def _save_grid(pixels: torch.Tensor, path: Path, nrow: int = 8) -> None:
     save_image(image_grid(pixels, nrow=nrow), path)
 
 
-def optimizer_step(loss, opt, params, ema, step: int, lr: float, cfg, log, bar) -> None:
-    """One step of the pretraining loops: backward, clip at 1, AdamW, EMA, and the loss log every ``log_every``."""
+def optimizer_step(loss, opt, params, ema, step: int, lr: float, cfg, log, bar, last: int | None = None) -> None:
+    """One step of the pretraining loops (VAE and denoiser): backward, clip at 1, AdamW, EMA (when given), and the
+    loss log every ``log_every`` and at step ``last`` (default: the denoiser's last step)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     if ema is not None:
         ema.update(step)
-    if step % cfg.log_every == 0 or step == cfg.steps - 1:
+    if step % cfg.log_every == 0 or step == (cfg.steps - 1 if last is None else last):
         log.write(step, loss.item(), lr)
         bar.set_postfix(loss=f"{loss.item():.4f}")
 

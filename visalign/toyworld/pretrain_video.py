@@ -125,13 +125,7 @@ def train_video_vae(cfg: PretrainConfig, out: Path, seed: int):
         # video), the mean then runs over the batch and W
         error = recon - x
         loss = (weight * error.abs()).mean() + (weight * error.pow(2)).mean() + 1e-8 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
-            log.write(step, loss.item(), lr)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, params, None, step, lr, cfg, log, bar, last=cfg.vae_steps - 1)
     log.close()
     return vae.requires_grad_(False).eval()
 
