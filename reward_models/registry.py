@@ -87,6 +87,7 @@ for _name, _module, _load, _random, _fixed in [
     ("video", "video", "load_video", "random_video", {}),
     ("temporal-consistency", "video", "load_temporal_consistency", "random_temporal_consistency", {}),
     ("oracle", "oracle", "load_oracle", "random_oracle", {}),
+    ("stats", "stats", "load_stats", "random_stats", {}),
     ("vlm-judge", "vlm_judge", "load_vlm_judge", "random_vlm_judge", {}),
     ("openai-judge", "openai_judge", "load_openai_judge", "random_openai_judge", {}),
     ("remote", "remote", "load_remote", "random_remote", {}),

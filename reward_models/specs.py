@@ -61,6 +61,14 @@ BUILTIN_SPECS: dict[str, RewardSpec] = {
             description="mean cosine similarity of encoder features of consecutive frames",
         ),
         RewardSpec(
+            "stats",
+            modalities=("image", "video"),
+            needs_prompt=False,
+            nominal_range=(0.0, 1.0),
+            description="an image statistic (brightness, saturation, color_entropy) times a sign: a penalty in "
+            "composites, or a deliberately hackable reward for testing the monitors",
+        ),
+        RewardSpec(
             "oracle",
             modalities=("image", "video"),
             differentiable=False,
