@@ -174,6 +174,25 @@ def test_wan_sde_schedule_reads_the_inference_sigmas(wan):
     assert wan.sde_schedule(scheduler, 3)["sigma_next"] == 0
 
 
+def test_wan_flow_sde_first_step_is_not_blown_up(wan):
+    """UniPC's first sigma is just below 1: Flow-SDE's first step keeps the Flow-GRPO noise scale
+    ``a sqrt(sigma / (1 - sigma_max))``, and a small noise level stays close to the ODE sampler."""
+    from visalign.sde import FlowSDE
+
+    scheduler = wan.inference_scheduler(4, torch.zeros(1))
+    first = wan.sde_schedule(scheduler, 0)
+    assert 0.999 < float(first["sigma"]) < 1  # the case the cap exists for
+    x = torch.randn((1, 4, 2, 4, 4), generator=gen(7))
+    step = FlowSDE(0.7).step(torch.zeros_like(x), x, **first, noise=torch.zeros_like(x))
+    expected = 0.7 * (float(first["sigma"]) / (1 - float(first["sigma_max"]))) ** 0.5
+    assert float(step.noise_scale.flatten()[0]) == pytest.approx(expected, rel=1e-5)
+    kw = dict(steps=4, guidance=1.0, height=16, width=16, num_frames=5, record_trajectory=True)
+    latents = wan.prepare_latents(1, 16, 16, 5, gen(8))
+    ode = wan.sample(["a cat"], latents=latents.clone(), sde=[FlowSDE(0.0)] * 4, generator=gen(9), **kw)
+    sde = wan.sample(["a cat"], latents=latents.clone(), sde=[FlowSDE(0.05)] * 4, generator=gen(9), **kw)
+    assert (sde.trajectory - ode.trajectory).abs().max() < 0.5  # was ~100 with 1 - sigma in the denominator
+
+
 def test_cogvideox_sde_schedule_gives_the_schedulers_ddim_step(cog):
     """The deterministic DDIM update built from sde_schedule equals CogVideoXDDIMScheduler.step at every step."""
     scheduler = cog.inference_scheduler(3, torch.zeros(1))

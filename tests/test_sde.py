@@ -85,6 +85,12 @@ def test_flow_sde_sigma_one_uses_sigma_max_and_requires_it():
     torch.testing.assert_close(out.noise_scale.flatten(), torch.full((3,), s))
     with pytest.raises(ValueError, match="sigma_max"):
         flow_sde_step(v, x, 1.0, 0.9)
+    # UniPC's flow sigmas (Wan's default scheduler) start just below 1: the same first step, not 1000x the noise
+    below = flow_sde_step(v, x, 1.0 - 1e-6, 0.9, noise_level=0.7, sigma_max=0.95, noise=torch.zeros(SHAPE))
+    torch.testing.assert_close(below.noise_scale, out.noise_scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(below.prev_sample, out.prev_sample, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="sigma_max"):
+        flow_sde_step(v, x, 1.0 - 1e-6, 0.9)
 
 
 def test_dance_sde_mean_and_std():

@@ -232,7 +232,7 @@ def flow_sde_step(
     With ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity ``v = eps - x0`` and ``dt = sigma' - sigma < 0``,
     the SDE ``dx = [v + s^2 / (2 sigma) (x + (1 - sigma) v)] dt + s dw`` has the ODE's marginals. Its step:
 
-        s    = a sqrt(sigma / (1 - sigma))              (sigma = 1 replaced by sigma_max in the denominator)
+        s    = a sqrt(sigma / (1 - min(sigma, sigma_max)))   (sigma_max: the second sigma, for the first step)
         mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt
         x'   = mean + s sqrt(-dt) z,  z ~ N(0, I)
 
@@ -243,8 +243,8 @@ def flow_sde_step(
         sample: ``[B, ...]`` the current sample ``x_sigma``.
         sigma, sigma_next: current and next sigma in ``[0, 1]``, ``sigma_next < sigma``: floats, 0-dim or ``[B]``.
         noise_level: ``a >= 0`` (0.7 in Flow-GRPO).
-        sigma_max: the value used for ``sigma`` in ``1 - sigma`` where ``sigma == 1`` (Flow-GRPO uses the
-            scheduler's ``sigmas[1]``); required only when some ``sigma == 1``.
+        sigma_max: caps ``sigma`` in ``1 - sigma``, for the first step at (or just below) ``sigma = 1``
+            (Flow-GRPO uses the scheduler's ``sigmas[1]``); required when some ``sigma > 0.999``.
         noise: ``[B, ...]`` the standard normal ``z`` to use (else drawn with ``generator``).
         generator: a ``torch.Generator`` or one per sample.
         prev_sample: ``[B, ...]`` a given ``x'`` to score instead of sampling.
@@ -259,11 +259,13 @@ def flow_sde_step(
     sigma = _per_sample(sigma, x, "sigma")
     sigma_next = _per_sample(sigma_next, x, "sigma_next")
     if sigma_max is None:
-        if bool((sigma >= 1).any()):
-            raise ValueError("sigma == 1 makes sqrt(sigma / (1 - sigma)) infinite: pass sigma_max (e.g. sigmas[1])")
+        if bool((sigma > 0.999).any()):
+            raise ValueError("sigma near 1 makes sqrt(sigma / (1 - sigma)) explode: pass sigma_max (e.g. sigmas[1])")
         denom_sigma = sigma
     else:
-        denom_sigma = torch.where(sigma >= 1, _per_sample(sigma_max, x, "sigma_max"), sigma)
+        # sigma above sigma_max is the first step: some schedulers start just below 1 (UniPC's flow sigmas at
+        # 1 - 1e-6, Wan's default), where 1 - sigma would blow the noise up by a thousand times
+        denom_sigma = torch.minimum(sigma, _per_sample(sigma_max, x, "sigma_max"))
     dt = sigma_next - sigma
     s = noise_level * torch.sqrt(sigma / (1 - denom_sigma))
     mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
