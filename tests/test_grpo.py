@@ -259,6 +259,7 @@ def test_monitor_raises_the_alarm_on_a_hackable_reward(tmp_path, prompt_file):
     Trainer(task).train()
     history = task.monitor.history()
     assert task.monitor.alarm and task.monitor.steps[-1] < 6  # stopped early
+    assert len(set(task.monitor.steps)) == len(task.monitor.steps)  # the stopping step is evaluated once
     assert task.monitor.steps[0] == 0 and (tmp_path / "run" / "eval" / "step-000000" / "report.json").exists()
     assert history[-1]["reward"] > history[0]["reward"] and history[-1]["gold"] < history[0]["gold"]
     assert (tmp_path / "run" / "monitor" / "monitor.png").exists()

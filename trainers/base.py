@@ -351,15 +351,19 @@ class Trainer:
             bar.update(1)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
+            evaluated = None
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                self._evaluate()
+                evaluated = self._evaluate()
             hook = getattr(self.task, "on_step_end", None)
             if hook is not None and self._all_agree_to_stop(hook(self.step) is True):
                 acc.print(f"training stopped early at step {self.step} by the task (see its logs)")
                 break
+        else:
+            evaluated = None
         bar.close()
         self.save_checkpoint()
-        results = self._evaluate()
+        # an early stop right after an evaluation keeps that evaluation (no second one of the same step)
+        results = evaluated if evaluated is not None else self._evaluate()
         export = getattr(self.task, "export", None)
         if export is not None and acc.is_main_process:
             export(self.out / "final", results)
