@@ -318,6 +318,7 @@ class Trainer:
         results: dict[str, float] = {}
         wants_data = getattr(self.task, "wants_data", None)
         epoch, position = self.epoch, self.position
+        evaluated = None  # the results of an evaluation at the step the loop ended on
         while self.step < cfg.max_steps:
             sums: dict[str, float] = {}
             for micro in range(cfg.gradient_accumulation_steps):
@@ -358,8 +359,6 @@ class Trainer:
             if hook is not None and self._all_agree_to_stop(hook(self.step) is True):
                 acc.print(f"training stopped early at step {self.step} by the task (see its logs)")
                 break
-        else:
-            evaluated = None
         bar.close()
         self.save_checkpoint()
         # an early stop right after an evaluation keeps that evaluation (no second one of the same step)
