@@ -384,6 +384,7 @@ class GRPO:
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
+        self._sync_ema()  # the EMA up to date with the steps taken (what the next loss would do; an export reads it)
         state = dict(get_peft_model_state_dict(self.model.denoiser, adapter_name="default"))
         state["grpo/counters"] = torch.tensor([self.rollouts, self.micro, self.ema_synced], dtype=torch.long)
         if self.ema is not None:

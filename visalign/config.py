@@ -104,7 +104,8 @@ def explicit_values(config_cls: type, argv: list[str]) -> dict[str, Any]:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """A config dataclass (or an already plain dict, e.g. a checkpoint's config.yaml) as a dict."""
+    return dict(config) if isinstance(config, dict) else dataclasses.asdict(config)
 
 
 def save_config(config: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

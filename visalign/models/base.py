@@ -563,6 +563,11 @@ class DiffusionModel:
         """Load a Diffusers-format LoRA (folder or ``.safetensors`` file) as ``adapter_name`` and activate it."""
         path = Path(path)
         file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        if path.is_dir() and not file.exists() and (path / "trainable.safetensors").exists():
+            raise ModelError(
+                f"{path} is a training checkpoint, not a LoRA: export it first with "
+                f"`visalign export --checkpoint {path} --out DIR`, then load DIR"
+            )
         if not file.exists():
             raise ModelError(
                 f"LoRA not found: {file} (expected a folder with {LORA_WEIGHT_NAME} or a .safetensors file)"

@@ -1,0 +1,112 @@
+"""``visalign export --checkpoint RUN/checkpoints/step-N --out DIR``: a training checkpoint as a Diffusers LoRA.
+
+A run exports its final adapter to ``RUN/final``; its resumable checkpoints (``trainable.safetensors`` with the
+optimizer and RNG states) are not adapters. This turns one of them into the same export: the base model of the
+checkpoint's ``config.yaml``, a LoRA of the run's rank, alpha and targets with the checkpoint's weights, saved
+in Diffusers format with a model card (and the run's evaluation of that step when it has one). A checkpoint
+that keeps an EMA of the weights (GRPO ``--ema_decay``) exports the EMA, as the run's final export does; a full
+fine-tune exports the whole pipeline. Then ``visalign evaluate --lora DIR`` compares it with the base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from visalign.config import field
+from visalign.errors import ConfigError
+
+NAMESPACED = "/"  # a trainer's own state (counters, EMA, trackers) is stored under "name/..." keys
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = field(help="a checkpoint folder: RUN/checkpoints/step-N (holds trainable.safetensors)")
+    out: str = field(help="folder for the Diffusers-format LoRA (or pipeline, for a full fine-tune)")
+    device: str = field("cpu", help="where to load the base model while exporting")
+    dtype: Literal["fp32", "fp16", "bf16"] = field("fp32", help="dtype of the base model while exporting")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """``(run config, trainer state, tensors)`` of a checkpoint folder; a clear error when it is not one."""
+    import yaml
+    from safetensors.torch import load_file
+
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {path} is not a folder (expected RUN/checkpoints/step-N)")
+    missing = [n for n in ("trainable.safetensors", "trainer_state.json", "config.yaml") if not (path / n).exists()]
+    if missing:
+        hint = " (a LoRA export: use it directly)" if (path / "pytorch_lora_weights.safetensors").exists() else ""
+        raise ConfigError(f"{path} is not a complete training checkpoint: no {', '.join(missing)}{hint}")
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if "model" not in config:
+        raise ConfigError(f"{path / 'config.yaml'} names no base model ('model')")
+    return config, json.loads((path / "trainer_state.json").read_text()), load_file(path / "trainable.safetensors")
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, device: str = "cpu", dtype: str = "fp32", model=None
+) -> Path:
+    """Write checkpoint ``checkpoint`` as an adapter (or pipeline) to ``out``; returns ``out``.
+
+    ``model``: the base model already loaded, without adapters (default: load the checkpoint's ``model``).
+    """
+    import torch
+
+    from trainers.base import write_model_card
+    from visalign.models import load_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    config, state, tensors = read_checkpoint(checkpoint)
+    model = model or load_model(config["model"], device=device, dtype=dtype)
+    step, ema = int(state["step"]), []
+    if config.get("full_finetune"):
+        model.denoiser.load_state_dict(tensors)
+        model.pipe.save_pretrained(out)
+        usage = f'pipe = DiffusionPipeline.from_pretrained("{out}")'
+    else:
+        targets = [t.strip() for t in config["lora_targets"].split(",")] if config.get("lora_targets") else None
+        params = model.add_lora(rank=int(config.get("lora_rank", 4)), alpha=config.get("lora_alpha"),
+                                target_modules=targets)  # fmt: skip
+        from peft.utils import set_peft_model_state_dict
+
+        lora = {k: v for k, v in tensors.items() if NAMESPACED not in k}
+        result = set_peft_model_state_dict(model.denoiser, lora, adapter_name="default")
+        if result.unexpected_keys or not lora:
+            raise ConfigError(
+                f"{checkpoint} does not hold a LoRA of {config['model']} "
+                f"(unexpected keys: {list(result.unexpected_keys)[:3] or 'none'}, LoRA tensors: {len(lora)})"
+            )
+        ema = [k for k in tensors if k.split(NAMESPACED)[-2:-1] == ["ema"]]  # e.g. grpo/ema/0, grpo/ema/1, ...
+        ema.sort(key=lambda k: int(k.rsplit(NAMESPACED, 1)[1]))
+        if ema:
+            if len(ema) != len(params):
+                raise ConfigError(f"{checkpoint}: {len(ema)} EMA tensors for {len(params)} LoRA parameters")
+            with torch.no_grad():
+                for p, key in zip(params, ema):
+                    p.copy_(tensors[key])
+        model.save_lora(out)
+        usage = f'pipe = DiffusionPipeline.from_pretrained("{config["model"]}")\npipe.load_lora_weights("{out}")'
+    report = checkpoint.parent.parent / "eval" / checkpoint.name / "report.json"
+    results = json.loads(report.read_text()).get("results", {}) if report.exists() else {}
+    write_model_card(
+        out,
+        title=f"step {step} of {checkpoint.parent.parent}" + (" (EMA weights)" if ema else ""),
+        base_model=config["model"],
+        data=config.get("data") or config.get("prompts"),
+        config=config,
+        results={k: v for k, v in results.items() if isinstance(v, (int, float))},
+        usage="from diffusers import DiffusionPipeline\n" + usage,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from visalign.config import parse_config
+
+    cfg = parse_config(ExportConfig, argv, prog="visalign export", description=__doc__.split("\n")[0])
+    out = export_checkpoint(cfg.checkpoint, cfg.out, device=cfg.device, dtype=cfg.dtype)
+    print(f"visalign export: {cfg.checkpoint} -> {out} (compare it: visalign evaluate --model M --lora {out} ...)")
+    return out
