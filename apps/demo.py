@@ -31,6 +31,7 @@ class DemoConfig:
     repeats: int = field(2, help="passes over the held-in captions when making pairs")
     pairing: str = field("best-worst", help="best-worst (one pair per caption group) or spread (K/2 pairs)")
     sample_steps: int = field(20, help="sampling steps")
+    guidance: float | None = field(None, help="classifier-free guidance scale (default: the model family's)")
     train_steps: int = field(300, help="DPO optimizer steps")
     batch_size: int = field(16, help="pairs per step")
     learning_rate: float = field(1e-3, help="LoRA learning rate")
@@ -115,6 +116,7 @@ def run(cfg: DemoConfig) -> dict:
         repeats=cfg.repeats,
         pairing=cfg.pairing,
         steps=cfg.sample_steps,
+        guidance=cfg.guidance,
         progress=cfg.progress,
     )
     print(f"      {stats['pairs']} pairs (mean toy-clip margin {stats['mean_margin']:.3f})")
@@ -126,7 +128,8 @@ def run(cfg: DemoConfig) -> dict:
         model=cfg.model, data=str(pairs_dir), output_dir=str(out / "train"), seed=cfg.seed,
         max_steps=cfg.train_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta,
         lora_rank=cfg.lora_rank, lr_scheduler="constant", eval_every=cfg.eval_every, eval_prompts=str(eval_prompts),
-        eval_samples=len(held_in) + len(held_out), eval_steps=cfg.sample_steps, oracle=True, eval_reward=cfg.reward,
+        eval_samples=len(held_in) + len(held_out), eval_steps=cfg.sample_steps, eval_guidance=cfg.guidance,
+        oracle=True, eval_reward=cfg.reward,
         report_to="tensorboard", progress=cfg.progress, cache_dir=str(out / "cache"),
     )  # fmt: skip
     task = DiffusionDPO(train_cfg, model=model)
@@ -161,6 +164,7 @@ def run(cfg: DemoConfig) -> dict:
         scorers={"toy-clip": score},
         oracle=True,
         steps=cfg.sample_steps,
+        guidance=cfg.guidance,
         progress=cfg.progress,
     )
 

@@ -184,6 +184,16 @@ def test_sizes_that_do_not_fit_the_latent_grid_are_rejected(loaded):
         loaded("sd3").prepare_latents(1, 32, 24, None, None)
 
 
+def test_sd3_default_size_is_the_pipelines(loaded):
+    # StableDiffusion3Pipeline: transformer.config.sample_size * vae_scale_factor (1024 for SD3; the family's
+    # fixed 1024 overflowed a small transformer's position embedding)
+    model = loaded("sd3")
+    pipe = model.pipe
+    assert model.default_resolution == pipe.transformer.config.sample_size * pipe.vae_scale_factor < 1024
+    out = model.sample(PROMPTS[:1], steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.pixels.shape[-2:] == (model.default_resolution, model.default_resolution)
+
+
 needs_sde = pytest.mark.skipif(importlib.util.find_spec("visalign.sde") is None, reason="visalign.sde not written yet")
 
 

@@ -29,6 +29,13 @@ class SD3Model(FlowMatchingModel):
     # T5 tokens per prompt, the pipeline's default (set on an instance to trade context for speed)
     max_sequence_length: int = 256
 
+    def __init__(self, pipe, **kw):
+        super().__init__(pipe, **kw)
+        # the pipeline's default resolution, as StableDiffusion3Pipeline computes it: 1024 for SD3 / SD3.5
+        size = getattr(pipe.transformer.config, "sample_size", None)
+        if size:
+            self.default_resolution = int(size) * int(pipe.vae_scale_factor)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Cond:
         """Text conditioning of the pipeline, without CFG.
