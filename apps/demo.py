@@ -50,7 +50,12 @@ class DemoConfig:
             raise ConfigError(f"unknown pairing {self.pairing!r}; choose one of {', '.join(PAIRINGS)}")
 
 
-def plot_curves(history: list[dict], path: Path) -> Path:
+def reward_name(spec: str) -> str:
+    """A short name of the reward for tables: ``toy-clip`` for the default, else the spec itself."""
+    return "toy-clip" if spec == DemoConfig.reward else spec
+
+
+def plot_curves(history: list[dict], path: Path, reward: str = "toy-clip") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +71,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     rewards = [k for k in history[0] if k.startswith("reward/")]
     for key in rewards:
         b.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", color="tab:green")
-    b.set_title("toy-clip reward (trained on)")
+    b.set_title(f"{reward} reward (trained on)")
     b.set_xlabel("DPO step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -119,7 +124,8 @@ def run(cfg: DemoConfig) -> dict:
         guidance=cfg.guidance,
         progress=cfg.progress,
     )
-    print(f"      {stats['pairs']} pairs (mean toy-clip margin {stats['mean_margin']:.3f})")
+    name = reward_name(cfg.reward)
+    print(f"      {stats['pairs']} pairs (mean {name} margin {stats['mean_margin']:.3f})")
 
     print(f"[2/4] train: Diffusion-DPO, LoRA rank {cfg.lora_rank}, {cfg.train_steps} steps")
     eval_prompts = out / "eval_prompts.txt"
@@ -161,7 +167,7 @@ def run(cfg: DemoConfig) -> dict:
         texts,
         seeds,
         out / "evaluate",
-        scorers={"toy-clip": score},
+        scorers={name: score},
         oracle=True,
         steps=cfg.sample_steps,
         guidance=cfg.guidance,
@@ -173,13 +179,13 @@ def run(cfg: DemoConfig) -> dict:
         "oracle/held_in/strict_acc",
         "oracle/held_out/strict_acc",
         "oracle/all/object_rate",
-        "reward/toy-clip",
+        f"reward/{name}",
         "win_rate/oracle_strict",
         "saturation",
         "diversity",
     ]
     print(format_table(report, keys))
-    plot = plot_curves(history, out / "curves.png")
+    plot = plot_curves(history, out / "curves.png", name)
     shutil.copy(out / "evaluate" / "grid.png", out / "grid.png")
     rows = report["variants"]
     summary = {

@@ -43,3 +43,10 @@ def test_demo_pipeline_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
     assert "reward/" + cfg.reward in report["history"][0]
     text = capsys.readouterr().out
     assert "held-in strict accuracy" in text and "visalign compare" in text
+
+
+def test_the_reward_column_is_named_after_the_reward():
+    from apps.demo import reward_name
+
+    assert reward_name(DemoConfig.reward) == "toy-clip"
+    assert reward_name("oracle(score=shape)") == "oracle(score=shape)"  # not labelled toy-clip when it is not
