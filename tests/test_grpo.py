@@ -295,3 +295,12 @@ def test_wrong_sampler_kind_and_the_command(tmp_path, prompt_file, tiny_pipeline
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists() and (out / "config.yaml").exists()
     with pytest.raises(RewardError):  # a reward failing outside a rollout is the reward's own error
         RemoteReward("http://127.0.0.1:9", timeout=0.2)
+
+
+def test_eval_seed_picks_the_evaluation_seeds(tmp_path, prompt_file):
+    kw = dict(eval_prompts=prompt_file, eval_samples=2, eval_steps=2)
+    figures = {}
+    for name, seed in (("default", None), ("same", 0), ("other", 7)):
+        task = make("sd", tmp_path / name, prompt_file, eval_seed=seed, **kw)
+        figures[name] = task.evaluate_at(0, tmp_path / name / "eval", ema=False)["reward/test-brightness"]
+    assert figures["same"] == figures["default"] != figures["other"]

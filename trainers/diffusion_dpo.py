@@ -66,7 +66,8 @@ class DiffusionDPOConfig(TrainConfig):
     attention: str = field("sdpa", help="attention backend: sdpa or xformers")
     cache_dir: str | None = field(None, help="latent cache folder (default: OUTPUT_DIR/../.cache/latents)")
     eval_prompts: str | None = field(None, help="prompts to sample at evaluation (.txt/.jsonl; default: none)")
-    eval_samples: int = field(16, help="samples per evaluation")
+    eval_samples: int = field(16, help="samples per evaluation (seeds eval_seed..eval_seed+n-1)")
+    eval_seed: int | None = field(None, help="seed of the first evaluation sample (default: --seed)")
     eval_steps: int = field(20, help="sampling steps at evaluation")
     eval_guidance: float | None = field(None, help="guidance at evaluation (default: the family's)")
     oracle: bool = field(False, help="score evaluation samples with the shapes-world oracle")
@@ -254,7 +255,7 @@ class DiffusionDPO:
             n=cfg.eval_samples,
             steps=cfg.eval_steps,
             guidance=cfg.eval_guidance,
-            seed=cfg.seed,
+            seed=cfg.seed if cfg.eval_seed is None else cfg.eval_seed,
             oracle=cfg.oracle,
             resolution=cfg.resolution,
             num_frames=cfg.num_frames,

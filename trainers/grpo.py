@@ -466,7 +466,8 @@ class GRPO:
         size = cfg.resolution or self.model.default_resolution
         guidance = self.guidance if cfg.eval_guidance is None else cfg.eval_guidance
         with self.ema_weights(step) if ema else contextlib.nullcontext():
-            media = sample_all(self.model, texts, [cfg.seed + i for i in range(len(texts))], steps=cfg.eval_steps,
+            seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+            media = sample_all(self.model, texts, [seed + i for i in range(len(texts))], steps=cfg.eval_steps,
                                guidance=guidance, height=size, width=size, num_frames=cfg.num_frames,
                                negative_prompt=cfg.negative_prompt, progress=False)  # fmt: skip
         results = oracle_metrics(media, texts) if cfg.oracle else {}
