@@ -67,9 +67,8 @@ def export_checkpoint(
         model.pipe.save_pretrained(out)
         usage = f'pipe = DiffusionPipeline.from_pretrained("{out}")'
     else:
-        targets = [t.strip() for t in config["lora_targets"].split(",")] if config.get("lora_targets") else None
         params = model.add_lora(rank=int(config.get("lora_rank", 4)), alpha=config.get("lora_alpha"),
-                                target_modules=targets)  # fmt: skip
+                                target_modules=config.get("lora_targets"))  # fmt: skip
         from peft.utils import set_peft_model_state_dict
 
         lora = {k: v for k, v in tensors.items() if NAMESPACED not in k}

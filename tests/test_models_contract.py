@@ -134,3 +134,11 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_pipeline_dir, tmp_path, name):
     fresh = load_model(tiny_pipeline_dir(name))
     fresh.load_lora(tmp_path / "lora")
     torch.testing.assert_close(fresh.predict(x_t, t, cond), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_targets_as_a_comma_separated_string(tiny_pipeline_dir):
+    model = load_model(tiny_pipeline_dir("sd"))
+    model.add_lora(rank=2, target_modules=" to_q, to_v ", adapter_name="from_string")
+    model.add_lora(rank=2, target_modules=["to_q", "to_v"], adapter_name="from_list")
+    config = model.denoiser.peft_config
+    assert set(config["from_string"].target_modules) == set(config["from_list"].target_modules) == {"to_q", "to_v"}

@@ -140,8 +140,8 @@ class DiffusionDPO:
                 p.requires_grad_(True)
             self.model.denoiser.train()
         else:
-            targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
-            self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=targets)
+            self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                              target_modules=cfg.lora_targets)  # fmt: skip
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
         resolution = cfg.resolution or self.model.default_resolution

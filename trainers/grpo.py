@@ -125,8 +125,7 @@ class GRPO:
         torch.manual_seed(cfg.seed)  # the LoRA initialisation is part of the run's seeded state
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
-        targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
-        self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=targets)
+        self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
         self.prompts = read_prompts(cfg.prompts)

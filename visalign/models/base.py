@@ -446,12 +446,18 @@ class DiffusionModel:
         self,
         rank: int = 4,
         alpha: float | None = None,
-        target_modules: list[str] | tuple[str, ...] | None = None,
+        target_modules: str | list[str] | tuple[str, ...] | None = None,
         adapter_name: str = "default",
         dropout: float = 0.0,
     ) -> list[torch.nn.Parameter]:
-        """Add a LoRA adapter to the denoiser (B = 0 at init, so the model is unchanged); returns its params."""
+        """Add a LoRA adapter to the denoiser (B = 0 at init, so the model is unchanged); returns its params.
+
+        ``target_modules``: module names, or one comma-separated string (a config's ``lora_targets``).
+        """
         from peft import LoraConfig
+
+        if isinstance(target_modules, str):
+            target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
 
         config = LoraConfig(
             r=rank,
