@@ -69,15 +69,7 @@ def export_checkpoint(
     else:
         params = model.add_lora(rank=int(config.get("lora_rank", 4)), alpha=config.get("lora_alpha"),
                                 target_modules=config.get("lora_targets"))  # fmt: skip
-        from peft.utils import set_peft_model_state_dict
-
-        lora = {k: v for k, v in tensors.items() if NAMESPACED not in k}
-        result = set_peft_model_state_dict(model.denoiser, lora, adapter_name="default")
-        if result.unexpected_keys or not lora:
-            raise ConfigError(
-                f"{checkpoint} does not hold a LoRA of {config['model']} "
-                f"(unexpected keys: {list(result.unexpected_keys)[:3] or 'none'}, LoRA tensors: {len(lora)})"
-            )
+        model.load_lora_state_dict({k: v for k, v in tensors.items() if NAMESPACED not in k})
         ema = [k for k in tensors if k.split(NAMESPACED)[-2:-1] == ["ema"]]  # e.g. grpo/ema/0, grpo/ema/1, ...
         ema.sort(key=lambda k: int(k.rsplit(NAMESPACED, 1)[1]))
         if ema:

@@ -66,6 +66,8 @@ def test_a_checkpoint_is_not_a_lora_and_bad_folders_are_named(dpo_run, tiny_pipe
         model.load_lora(dpo_run / "checkpoints" / "step-000002")
     with pytest.raises(ConfigError, match="not a complete training checkpoint: no trainable.safetensors.*use it"):
         export_checkpoint(dpo_run / "final", tmp_path / "x")
+    with pytest.raises(ModelError, match="does not fit this sd3 adapter.*unexpected keys"):  # a UNet's LoRA
+        export_checkpoint(dpo_run / "checkpoints" / "step-000002", tmp_path / "x", model=tiny_model("sd3"))
     with pytest.raises(ConfigError, match="is not a folder"):
         export_checkpoint(tmp_path / "missing", tmp_path / "x")
     assert not (tmp_path / "x").exists()

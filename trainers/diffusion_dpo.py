@@ -218,19 +218,13 @@ class DiffusionDPO:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.config.full_finetune:
             return {k: v for k, v in self.model.denoiser.state_dict().items()}
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model.denoiser, adapter_name="default")
+        return self.model.lora_state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.config.full_finetune:
             self.model.denoiser.load_state_dict(state)
             return
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.model.denoiser, state, adapter_name="default")
-        if result.unexpected_keys:
-            raise ConfigError(f"checkpoint holds LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+        self.model.load_lora_state_dict(state)
 
     # ----------------------------------------------------------------- evaluation and export
     def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:

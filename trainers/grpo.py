@@ -381,10 +381,8 @@ class GRPO:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
         self._sync_ema()  # the EMA up to date with the steps taken (what the next loss would do; an export reads it)
-        state = dict(get_peft_model_state_dict(self.model.denoiser, adapter_name="default"))
+        state = self.model.lora_state_dict()
         state["grpo/counters"] = torch.tensor([self.rollouts, self.micro, self.ema_synced], dtype=torch.long)
         if self.ema is not None:
             state.update({f"grpo/ema/{i}": e for i, e in enumerate(self.ema)})
@@ -396,12 +394,7 @@ class GRPO:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        lora = {k: v for k, v in state.items() if not k.startswith("grpo/")}
-        result = set_peft_model_state_dict(self.model.denoiser, lora, adapter_name="default")
-        if result.unexpected_keys:
-            raise ConfigError(f"checkpoint holds LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+        self.model.load_lora_state_dict({k: v for k, v in state.items() if not k.startswith("grpo/")})
         self.rollouts, self.micro, self.ema_synced = (int(v) for v in state["grpo/counters"])
         if self.ema is not None:
             self.ema = [state[f"grpo/ema/{i}"].to(p.device, p.dtype).clone() for i, p in enumerate(self.params)]

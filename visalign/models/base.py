@@ -530,18 +530,33 @@ class DiffusionModel:
         finally:
             self.denoiser.enable_adapters()
 
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's weights under peft's keys (no adapter name in them): what checkpoints store."""
+        from peft.utils import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name))
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+        """Set the adapter's weights from :meth:`lora_state_dict`'s keys; keys the adapter lacks are an error."""
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.denoiser, state, adapter_name=adapter_name)
+        if result.unexpected_keys or not state:
+            raise ModelError(
+                f"the LoRA state does not fit this {self.family} adapter {adapter_name!r} "
+                f"(unexpected keys: {list(result.unexpected_keys)[:3] or 'none'}, tensors: {len(state)})"
+            )
+
     def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
         """Save one adapter in Diffusers format (with its LoRA metadata), atomically.
 
         The folder loads with ``pipe.load_lora_weights(directory)`` in plain Diffusers.
         """
-        from peft.utils import get_peft_model_state_dict
-
         if adapter_name not in self.adapter_names:
             raise ModelError(f"no LoRA adapter named {adapter_name!r}; present: {self.adapter_names or 'none'}")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        state = self.lora_state_dict(adapter_name)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         metadata = self.denoiser.peft_config[adapter_name].to_dict()
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
