@@ -3,7 +3,10 @@
 Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (TOYWORLD.md).
 ``score="strict"`` (default): 1 when every attribute the caption names is right, else 0; ``score="partial"``:
 the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
-colour, shape, direction and temporal consistency); ``score="color" | "shape" | "position" | "direction" |
+colour, shape, direction and temporal consistency); ``score="dense"``: for videos, the mean of four fractions
+that move before any verdict flips: frames of the caption's colour, frames of its shape, frames with both, and
+the displacement along the named direction over the oracle's 6 px threshold (clipped to [0, 1]), a finer training
+signal than the 0/1 verdicts (images: the same as ``"partial"``); ``score="color" | "shape" | "position" | "direction" |
 "consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does not name it), e.g. to build
 preference data about one attribute (the layout and fidelity sets of timestep-segment experts). Components hold
 each attribute as 0/1 (NaN where the caption names no position). A prompt outside the shapes-world grammar
@@ -29,14 +32,14 @@ class OracleReward(Reward):
     """The shapes-world oracle.
 
     Args:
-        score: ``"strict"``, ``"partial"`` or one attribute (``"color"``, ``"shape"``, ``"position"``,
+        score: ``"strict"``, ``"partial"``, ``"dense"`` or one attribute (``"color"``, ``"shape"``, ``"position"``,
             ``"direction"``, ``"consistent"``).
         batch_size: media per chunk.
     """
 
     def __init__(self, score: str = "strict", batch_size: int = 64):
-        if score not in ("strict", "partial", *SINGLE):
-            raise ValueError(f"score must be 'strict', 'partial' or one of {', '.join(SINGLE)}, got {score!r}")
+        if score not in ("strict", "partial", "dense", *SINGLE):
+            raise ValueError(f"score must be 'strict', 'partial', 'dense' or one of {', '.join(SINGLE)}, got {score!r}")
         super().__init__(BUILTIN_SPECS["oracle"], batch_size)
         self.score = score
 
@@ -69,6 +72,8 @@ class OracleReward(Reward):
                 scores.append(0.0)
             elif self.score == "strict":
                 scores.append(float(v.strict))
+            elif self.score == "dense" and video:
+                scores.append(dense_video_score(v, parse(prompts[i])))
             elif single is not None:
                 named = not math.isnan(values[single])
                 scores.append(values[single] if named else 0.0)
@@ -82,6 +87,23 @@ class OracleReward(Reward):
             {a: torch.tensor(c, device=device) for a, c in comps.items()},
             torch.tensor(ok, device=device),
         )
+
+
+def dense_video_score(verdict, caption) -> float:
+    """Mean of the fractions of frames with the caption's colour, its shape and both, and of the displacement
+    along the named direction over the oracle's threshold (clipped to ``[0, 1]``)."""
+    from visalign.toyworld.oracle import VIDEO_MIN_DISPLACEMENT
+
+    frames = len(verdict.colors)
+    color = [c == caption.color for c in verdict.colors]
+    shape = [s == caption.shape for s in verdict.shapes]
+    both = sum(c and s for c, s in zip(color, shape)) / frames
+    if verdict.displacement is None:
+        progress = 0.0
+    else:
+        sign = 1.0 if caption.direction in ("right", "down") else -1.0
+        progress = min(max(sign * verdict.displacement / VIDEO_MIN_DISPLACEMENT, 0.0), 1.0)
+    return (sum(color) / frames + sum(shape) / frames + both + progress) / 4
 
 
 def load_oracle(score: str = "strict", batch_size: int = 64) -> OracleReward:

@@ -140,3 +140,11 @@ def test_oracle_on_rendered_images_and_videos():
     assert direction(videos, ["a red circle moving right", "a red triangle moving down"]).scores.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="applies to images only"):
         build_reward("oracle(score=position)")(videos, vcaps)
+    # dense: fractions of frames (colour, shape, both) and the displacement over the 6 px threshold
+    dense = build_reward("oracle(score=dense)")
+    assert dense(videos, vcaps).scores.tolist() == [1.0, 1.0]
+    assert dense(videos, ["a red circle moving right", "a green triangle moving down"]).scores.tolist() == [0.75, 0.5]
+    half = videos.clone()
+    half[:, 1:5] = torch.tensor([240, 240, 240]).view(3, 1, 1) / 255  # four of eight frames lose the object
+    assert dense(half, vcaps).scores.tolist() == [0.625, 0.625]
+    assert build_reward("oracle(score=dense)")(images, wrong).scores.tolist() == partial.scores.tolist()
