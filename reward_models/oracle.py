@@ -5,12 +5,13 @@ Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_v
 the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
 colour, shape, direction and temporal consistency); ``score="dense"``: for videos, the mean of four fractions
 that move before any verdict flips: frames of the caption's colour, frames of its shape, frames with both, and
-the displacement along the named direction over the oracle's 6 px threshold (clipped to [0, 1]), a finer training
-signal than the 0/1 verdicts (images: the same as ``"partial"``); ``score="color" | "shape" | "position" | "direction" |
-"consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does not name it), e.g. to build
-preference data about one attribute (the layout and fidelity sets of timestep-segment experts). Components hold
-each attribute as 0/1 (NaN where the caption names no position). A prompt outside the shapes-world grammar
-cannot be judged: ``valid=False``. Trainers must never see this reward: it measures what they are meant to learn.
+the displacement along the named direction over the oracle's 6 px threshold (clipped to [0, 1]), a finer
+training signal than the 0/1 verdicts (images: the same as ``"partial"``); ``score="color" | "shape" |
+"position" | "direction" | "consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does
+not name it), e.g. to build preference data about one attribute (the layout and fidelity sets of
+timestep-segment experts). Components hold each attribute as 0/1 (NaN where the caption names no position). A
+prompt outside the shapes-world grammar cannot be judged: ``valid=False``. It measures what trainers are meant
+to learn: train on it only as a rule-based reward (as GenEval's is), and judge on seeds the run never saw.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class OracleReward(Reward):
 
     def __init__(self, score: str = "strict", batch_size: int = 64):
         if score not in ("strict", "partial", "dense", *SINGLE):
-            raise ValueError(f"score must be 'strict', 'partial', 'dense' or one of {', '.join(SINGLE)}, got {score!r}")
+            names = ", ".join(SINGLE)
+            raise ValueError(f"score must be 'strict', 'partial', 'dense' or one of {names}, got {score!r}")
         super().__init__(BUILTIN_SPECS["oracle"], batch_size)
         self.score = score
 
