@@ -7,3 +7,7 @@ class VisalignError(ValueError):
 
 class ConfigError(VisalignError):
     """An invalid configuration value or file."""
+
+
+class ModelError(VisalignError):
+    """A user-facing problem with a model, checkpoint or adapter (one clear line, no traceback)."""
