@@ -3,10 +3,10 @@
 Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (TOYWORLD.md).
 ``score="strict"`` (default): 1 when every attribute the caption names is right, else 0; ``score="partial"``:
 the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
-colour, shape, direction and temporal consistency); ``score="dense"``: for videos, the mean of four fractions
-that move before any verdict flips: frames of the caption's colour, frames of its shape, frames with both, and
-the displacement along the named direction over the oracle's 6 px threshold (clipped to [0, 1]), a finer
-training signal than the 0/1 verdicts (images: the same as ``"partial"``); ``score="color" | "shape" |
+colour, shape, direction and temporal consistency); ``score="dense"``: the partial score with shape as a credit
+that falls linearly from 1 inside the caption's fill-ratio band to 0 at 0.15 outside it, and for videos per-frame
+fractions and the displacement over the 6 px threshold instead of the 0/1 verdicts: a training signal that moves
+before any verdict flips (a rounded square earns more the sharper its corners); ``score="color" | "shape" |
 "position" | "direction" | "consistent"``: that attribute alone, 0/1 (``valid=False`` where the caption does
 not name it), e.g. to build preference data about one attribute (the layout and fidelity sets of
 timestep-segment experts). Components hold each attribute as 0/1 (NaN where the caption names no position). A
@@ -74,8 +74,8 @@ class OracleReward(Reward):
                 scores.append(0.0)
             elif self.score == "strict":
                 scores.append(float(v.strict))
-            elif self.score == "dense" and video:
-                scores.append(dense_video_score(v, parse(prompts[i])))
+            elif self.score == "dense":
+                scores.append(dense_score(v, parse(prompts[i])))
             elif single is not None:
                 named = not math.isnan(values[single])
                 scores.append(values[single] if named else 0.0)
@@ -91,21 +91,31 @@ class OracleReward(Reward):
         )
 
 
-def dense_video_score(verdict, caption) -> float:
-    """Mean of the fractions of frames with the caption's colour, its shape and both, and of the displacement
-    along the named direction over the oracle's threshold (clipped to ``[0, 1]``)."""
-    from visalign.toyworld.oracle import VIDEO_MIN_DISPLACEMENT
+def dense_score(verdict, caption) -> float:
+    """``score="dense"``: shape as :func:`~visalign.toyworld.oracle.shape_credit` of the fill ratio instead of 0/1.
 
-    frames = len(verdict.colors)
-    color = [c == caption.color for c in verdict.colors]
-    shape = [s == caption.shape for s in verdict.shapes]
-    both = sum(c and s for c, s in zip(color, shape)) / frames
-    if verdict.displacement is None:
-        progress = 0.0
-    else:
+    Videos: the mean of the fraction of frames with the caption's colour, the mean shape credit over the frames,
+    the mean of their product, and the displacement along the named direction over the oracle's threshold
+    (clipped to ``[0, 1]``). Images: the mean of colour (0/1), shape credit and position (0/1, when named).
+    """
+    from visalign.toyworld.oracle import VIDEO_MIN_DISPLACEMENT, shape_credit
+
+    if not hasattr(verdict, "colors"):  # an image
+        if not verdict.object:
+            return 0.0
+        parts = [float(verdict.color_ok), shape_credit(verdict.fill_ratio, caption.shape)]
+        return sum(parts + ([float(verdict.position_ok)] if verdict.position_ok is not None else [])) / (
+            len(parts) + (verdict.position_ok is not None)
+        )
+    color = [float(c == caption.color) for c in verdict.colors]
+    shape = [shape_credit(f, caption.shape) for f in verdict.fill_ratios]
+    both = [c * s for c, s in zip(color, shape)]
+    progress = 0.0
+    if verdict.displacement is not None:
         sign = 1.0 if caption.direction in ("right", "down") else -1.0
         progress = min(max(sign * verdict.displacement / VIDEO_MIN_DISPLACEMENT, 0.0), 1.0)
-    return (sum(color) / frames + sum(shape) / frames + both + progress) / 4
+    frames = len(color)
+    return (sum(color) / frames + sum(shape) / frames + sum(both) / frames + progress) / 4
 
 
 def load_oracle(score: str = "strict", batch_size: int = 64) -> OracleReward:

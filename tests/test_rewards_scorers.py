@@ -108,7 +108,7 @@ def test_temporal_consistency():
 
 # ----------------------------------------------------------------------------------------------- oracle
 def test_oracle_on_rendered_images_and_videos():
-    from visalign.toyworld import render_images, render_videos
+    from visalign.toyworld import judge_images, render_images, render_videos
 
     captions = ["a red circle", "a blue square on the left", "a green triangle on the top"]
     images, _ = render_images(captions, seed=0)
@@ -140,11 +140,48 @@ def test_oracle_on_rendered_images_and_videos():
     assert direction(videos, ["a red circle moving right", "a red triangle moving down"]).scores.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="applies to images only"):
         build_reward("oracle(score=position)")(videos, vcaps)
-    # dense: fractions of frames (colour, shape, both) and the displacement over the 6 px threshold
+    # dense: fractions of frames (colour, shape credit, both) and the displacement over the 6 px threshold
     dense = build_reward("oracle(score=dense)")
     assert dense(videos, vcaps).scores.tolist() == [1.0, 1.0]
     assert dense(videos, ["a red circle moving right", "a green triangle moving down"]).scores.tolist() == [0.75, 0.5]
     half = videos.clone()
     half[:, 1:5] = torch.tensor([240, 240, 240]).view(3, 1, 1) / 255  # four of eight frames lose the object
     assert dense(half, vcaps).scores.tolist() == [0.625, 0.625]
-    assert build_reward("oracle(score=dense)")(images, wrong).scores.tolist() == partial.scores.tolist()
+    assert dense(images, captions).scores.tolist() == [1.0, 1.0, 1.0]
+    from visalign.toyworld.oracle import shape_credit
+
+    circle_fill = judge_images(images[:1], ["a red circle"])[0].fill_ratio
+    assert circle_fill == pytest.approx(0.785, abs=0.01)  # pi/4: 0.115 under the square band, credit about 0.2
+    circle_as_square = (1 + shape_credit(circle_fill, "square")) / 2
+    assert 0.6 < circle_as_square < 0.7
+    assert dense(images, wrong).scores.tolist() == [pytest.approx(circle_as_square), pytest.approx(2 / 3), 0.0]
+
+
+def test_shape_credit_grows_toward_the_named_band():
+    from visalign.toyworld.oracle import shape_credit
+
+    assert shape_credit(0.95, "square") == 1.0 and shape_credit(0.80, "square") == pytest.approx(1 / 3)
+    assert shape_credit(0.85, "square") == pytest.approx(2 / 3) and shape_credit(0.70, "square") == 0.0
+    assert shape_credit(0.80, "circle") == 1.0 and shape_credit(0.95, "circle") == pytest.approx(2 / 3)
+    assert shape_credit(0.65, "triangle") == pytest.approx(0.8) and shape_credit(None, "circle") == 0.0
+    # a rendered square shrunk by rounding its corners: its image credit falls but stays above zero
+    from visalign.toyworld import judge_images
+
+    img = torch.full((1, 3, 64, 64), 240 / 255)
+    img[:, :, 20:44, 20:44] = torch.tensor([220, 40, 40]).view(1, 3, 1, 1) / 255
+    for dy, dx in [(0, 0), (0, 1), (1, 0), (0, 22), (0, 23), (1, 23), (22, 0), (23, 0), (23, 1)]:
+        img[:, :, 20 + dy, 20 + dx] = 240 / 255  # three corners clipped a little: still a square
+    assert judge_images(img, ["a red square"])[0].shape_ok
+    assert build_reward("oracle(score=dense)")(img, ["a red square"]).scores.item() == 1.0
+    round_ = img.clone()
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    corner = (
+        ((yy - 31.5).abs() > 2)
+        & ((xx - 31.5).abs() > 2)
+        & (((yy - 31.5).abs() - 2) ** 2 + ((xx - 31.5).abs() - 2) ** 2 > 100)
+    )
+    round_[:, :, corner & (yy >= 20) & (yy < 44) & (xx >= 20) & (xx < 44)] = 240 / 255
+    fill = judge_images(round_, ["a red square"])[0].fill_ratio
+    assert 0.75 < fill < 0.9
+    score = build_reward("oracle(score=dense)")(round_, ["a red square"]).scores.item()
+    assert score == pytest.approx((1 + shape_credit(fill, "square")) / 2) and 0.5 < score < 1.0

@@ -26,6 +26,7 @@ in numpy), so 1,000 images take well under a second.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -171,6 +172,24 @@ def shape_of(fill_ratio: float) -> str:
     return "circle" if fill_ratio >= CIRCLE_MIN_FILL else "triangle"
 
 
+SHAPE_BANDS = {
+    "square": (SQUARE_MIN_FILL, math.inf),
+    "circle": (CIRCLE_MIN_FILL, SQUARE_MIN_FILL),
+    "triangle": (0.0, CIRCLE_MIN_FILL),
+}
+SHAPE_CREDIT_WIDTH = 0.15
+
+
+def shape_credit(fill_ratio: float | None, shape: str, width: float = SHAPE_CREDIT_WIDTH) -> float:
+    """1 when the fill ratio lies in ``shape``'s band, falling linearly to 0 at ``width`` outside it (0 without an
+    object): how near a drawn object is to the named shape, for rewards that must move before the verdict flips."""
+    if fill_ratio is None or math.isnan(fill_ratio):
+        return 0.0
+    low, high = SHAPE_BANDS[shape]
+    gap = max(low - fill_ratio, fill_ratio - high, 0.0)
+    return max(0.0, 1.0 - gap / width)
+
+
 def horizontal_of(cx: float) -> str | None:
     return "left" if cx < POSITION_LOW else "right" if cx > POSITION_HIGH else None
 
@@ -280,6 +299,7 @@ class VideoVerdict:
     frames_with_object: int
     colors: list[str | None]
     shapes: list[str | None]
+    fill_ratios: list[float | None]
     displacement: float | None  # along the named axis, signed (x right, y down)
     object: bool
     color_ok: bool
@@ -337,6 +357,7 @@ def _video_verdict(cap: VideoCaption, stats: ObjectStats, i: int, frames: int) -
         frames_with_object=int(sum(present)),
         colors=colors,
         shapes=shapes,
+        fill_ratios=[float(stats.fill_ratio[k]) if ok else None for k, ok in zip(idx, present)],
         displacement=displacement,
         object=bool(has_object),
         color_ok=bool(color_ok),
