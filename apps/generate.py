@@ -153,8 +153,11 @@ def run(cfg: GenerateConfig) -> Path:
                     if cfg.experts
                     else {}
                 ),
-                **({"guide": cfg.guide, "guide_weight": cfg.guide_weight, "guide_end": cfg.guide_end}
-                   if cfg.guide else {}),  # fmt: skip
+                **(
+                    {"guide": cfg.guide, "guide_weight": cfg.guide_weight, "guide_end": cfg.guide_end}
+                    if cfg.guide
+                    else {}
+                ),  # fmt: skip
                 "steps": cfg.steps or model.default_steps,
                 "guidance": model.default_guidance if cfg.guidance is None else cfg.guidance,
                 "negative_prompt": cfg.negative_prompt,

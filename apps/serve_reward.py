@@ -66,8 +66,10 @@ def run(cfg: ServeRewardConfig) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     server = build_server(cfg)
     if cfg.host not in LOOPBACK:
-        print(f"warning: serving on {cfg.host} without authentication; anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"warning: serving on {cfg.host} without authentication; anyone who can reach it can use it",
+            file=sys.stderr,
+        )
 
     def stop(signum, frame):
         raise KeyboardInterrupt

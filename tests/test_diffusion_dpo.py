@@ -28,8 +28,11 @@ def pair_data(tmp_path_factory):
             g = torch.Generator().manual_seed(0)
             shape = (5, 3, 32, 32) if video else (3, 32, 32)
             for i in range(4):
-                writer.append(["a red circle", "a blue square"][i % 2], torch.rand(shape, generator=g),
-                              torch.rand(shape, generator=g))
+                writer.append(
+                    ["a red circle", "a blue square"][i % 2],
+                    torch.rand(shape, generator=g),
+                    torch.rand(shape, generator=g),
+                )
             cache[video] = d
         return cache[video]
 
@@ -37,9 +40,20 @@ def pair_data(tmp_path_factory):
 
 
 def make_config(name, tmp_path, data, cls=DiffusionDPOConfig, **kw):
-    values = dict(model=str(name), data=str(data), output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2,
-                  learning_rate=1e-3, lora_rank=4, resolution=32, report_to="none", progress=False,
-                  cache_dir=str(tmp_path / "cache"), lr_scheduler="constant")
+    values = dict(
+        model=str(name),
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        resolution=32,
+        report_to="none",
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        lr_scheduler="constant",
+    )
     values.update(kw)
     return cls(**values)
 
@@ -70,8 +84,9 @@ def test_resume_equals_uninterrupted(tiny_pipeline_dir, pair_data, tmp_path, nam
     class Stop(Exception):
         pass
 
-    cut = DiffusionDPO(make_config(tiny_pipeline_dir(name), tmp_path / "b", data, max_steps=4, checkpoint_every=2,
-                                   **frames(name)))
+    cut = DiffusionDPO(
+        make_config(tiny_pipeline_dir(name), tmp_path / "b", data, max_steps=4, checkpoint_every=2, **frames(name))
+    )
 
     def stop(step):
         if step == 2:
@@ -80,8 +95,9 @@ def test_resume_equals_uninterrupted(tiny_pipeline_dir, pair_data, tmp_path, nam
     cut.on_step_end = stop
     with pytest.raises(Stop):
         Trainer(cut).train()
-    resumed = DiffusionDPO(make_config(tiny_pipeline_dir(name), tmp_path / "b", data, max_steps=4,
-                                       resume_from="latest", **frames(name)))
+    resumed = DiffusionDPO(
+        make_config(tiny_pipeline_dir(name), tmp_path / "b", data, max_steps=4, resume_from="latest", **frames(name))
+    )
     Trainer(resumed).train()
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -93,28 +109,36 @@ def test_ipo_and_mixed_losses_run(tiny_pipeline_dir, pair_data, tmp_path):
     task = DiffusionDPO(cfg)
     loss, _ = task.loss(task.collate([task.encoded[0], task.encoded[1]]))
     assert loss.item() == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-5)  # (0 - 1/(2 beta))^2 at init
-    mixed = DiffusionDPO(make_config(tiny_pipeline_dir("sd"), tmp_path / "m", pair_data(False),
-                                     loss="sigmoid:1.0,bco_pair:0.5"))
+    mixed = DiffusionDPO(
+        make_config(tiny_pipeline_dir("sd"), tmp_path / "m", pair_data(False), loss="sigmoid:1.0,bco_pair:0.5")
+    )
     loss, metrics = mixed.loss(mixed.collate([mixed.encoded[0], mixed.encoded[1]]))
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * 2 * math.log(2), abs=1e-5)
     assert "loss/bco_pair" in metrics
 
 
 @pytest.mark.parametrize("name", ["sdxl", "wan"])
-def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_pipeline_dir, pair_data, tmp_path,
-                                                                        name):
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_pipeline_dir, pair_data, tmp_path, name):
     results = []
     for checkpointing in (False, True):
-        cfg = make_config(tiny_pipeline_dir(name), tmp_path / str(checkpointing), pair_data(name in VIDEO),
-                          gradient_checkpointing=checkpointing, **frames(name))
+        cfg = make_config(
+            tiny_pipeline_dir(name),
+            tmp_path / str(checkpointing),
+            pair_data(name in VIDEO),
+            gradient_checkpointing=checkpointing,
+            **frames(name),
+        )
         task = DiffusionDPO(cfg)
         assert task.model.denoiser.is_gradient_checkpointing == checkpointing
         torch.manual_seed(1)
         for p in task.params:  # a LoRA away from zero, so every gradient path carries signal
             p.data.add_(0.05 * torch.randn_like(p))
         calls = []
-        norm = [m for n, m in task.model.denoiser.named_modules()  # the last block Diffusers checkpoints: after
-                if n.endswith("norm2") and ("resnets" in n or n.startswith("blocks."))][-1]  # the LoRA layers
+        norm = [
+            m
+            for n, m in task.model.denoiser.named_modules()  # the last block Diffusers checkpoints: after
+            if n.endswith("norm2") and ("resnets" in n or n.startswith("blocks."))
+        ][-1]  # the LoRA layers
         norm.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         torch.manual_seed(0)
         loss, _ = task.loss(task.collate([task.encoded[0], task.encoded[1]]))
@@ -139,8 +163,15 @@ def test_mapo_has_no_reference_forward(tiny_pipeline_dir, pair_data, tmp_path):
 
 
 def test_full_finetune_keeps_a_frozen_reference(tiny_pipeline_dir, pair_data, tmp_path):
-    cfg = make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), full_finetune=True,
-                      offload_reference=True, max_steps=1, learning_rate=1e-4)
+    cfg = make_config(
+        tiny_pipeline_dir("sd"),
+        tmp_path,
+        pair_data(False),
+        full_finetune=True,
+        offload_reference=True,
+        max_steps=1,
+        learning_rate=1e-4,
+    )
     task = DiffusionDPO(cfg)
     before = {n: p.detach().clone() for n, p in task.model.denoiser.named_parameters()}
     loss, _ = task.loss(task.collate([task.encoded[0], task.encoded[1]]))
@@ -154,19 +185,23 @@ def test_full_finetune_keeps_a_frozen_reference(tiny_pipeline_dir, pair_data, tm
 
 
 def test_timestep_window(tiny_pipeline_dir, pair_data, tmp_path):
-    task = DiffusionDPO(make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), timestep_min=200,
-                                    timestep_max=300))
+    task = DiffusionDPO(
+        make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), timestep_min=200, timestep_max=300)
+    )
     t = task.sample_timesteps(256)
     assert (t >= 200).all() and (t < 300).all()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"lora_rank": 0}, "lora_rank must be > 0"),
-    ({"beta": 0.0}, "beta must be > 0"),
-    ({"beta": -1.0}, "beta must be > 0"),
-    ({"timestep_min": 500, "timestep_max": 100}, "timestep_min < timestep_max"),
-    ({"loss": "nope"}, "available"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"lora_rank": 0}, "lora_rank must be > 0"),
+        ({"beta": 0.0}, "beta must be > 0"),
+        ({"beta": -1.0}, "beta must be > 0"),
+        ({"timestep_min": 500, "timestep_max": 100}, "timestep_min < timestep_max"),
+        ({"loss": "nope"}, "available"),
+    ],
+)
 def test_bad_config(tiny_pipeline_dir, pair_data, tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         DiffusionDPO(make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), **bad))
@@ -184,8 +219,17 @@ def test_paper_presets():
 
 
 def test_periodic_evaluation_with_the_oracle(tiny_pipeline_dir, pair_data, tmp_path):
-    cfg = make_config(tiny_pipeline_dir("sd"), tmp_path, pair_data(False), max_steps=2, eval_every=1,
-                      eval_prompts="a red circle on the left", eval_samples=2, eval_steps=2, oracle=True)
+    cfg = make_config(
+        tiny_pipeline_dir("sd"),
+        tmp_path,
+        pair_data(False),
+        max_steps=2,
+        eval_every=1,
+        eval_prompts="a red circle on the left",
+        eval_samples=2,
+        eval_steps=2,
+        oracle=True,
+    )
     results = Trainer(DiffusionDPO(cfg)).train()
     assert "oracle/all/object_rate" in results
     for step in (1, 2):

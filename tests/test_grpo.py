@@ -226,8 +226,18 @@ def test_remote_reward_timeout_fails_the_step_clearly(tmp_path, prompt_file):
 
 
 def test_resume_equals_uninterrupted(tmp_path, prompt_file):
-    kw = dict(max_steps=4, inner_epochs=2, samples_per_update=2, train_batch_size=2, group_size=2, batch_size=2,
-              ema_decay=0.5, advantage_history=4, shuffle_samples=True, beta_kl=0.1)  # 4 updates per rollout
+    kw = dict(
+        max_steps=4,
+        inner_epochs=2,
+        samples_per_update=2,
+        train_batch_size=2,
+        group_size=2,
+        batch_size=2,
+        ema_decay=0.5,
+        advantage_history=4,
+        shuffle_samples=True,
+        beta_kl=0.1,
+    )  # 4 updates per rollout
     full = make("sd3", tmp_path / "a", prompt_file, max_steps=8, **{k: v for k, v in kw.items() if k != "max_steps"})
     Trainer(full).train()
 

@@ -42,8 +42,19 @@ REFERENCE = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "refer
 
 
 def test_pairs_put_the_best_first_and_keep_rankings(sd, reward, tmp_path):
-    stats = make_pairs(sd, score_with(reward), PROMPTS, tmp_path, per_prompt=3, seed=5, repeats=2, steps=2,
-                       height=32, width=32, progress=False)
+    stats = make_pairs(
+        sd,
+        score_with(reward),
+        PROMPTS,
+        tmp_path,
+        per_prompt=3,
+        seed=5,
+        repeats=2,
+        steps=2,
+        height=32,
+        width=32,
+        progress=False,
+    )
     assert stats["groups"] == 4 and stats["pairs"] == 4
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
@@ -62,8 +73,20 @@ def test_pairs_put_the_best_first_and_keep_rankings(sd, reward, tmp_path):
 def test_spread_pairs_each_right_candidate_with_a_different_wrong_one(sd, tmp_path, pairing, expected):
     # a 0/1 reward (as oracle(score=position) is): group 0 has 2 right + 2 wrong, group 1 has 3 right + 1 wrong
     fixed = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
-    stats = make_pairs(sd, lambda media, prompts: fixed[: len(prompts)], PROMPTS, tmp_path, per_prompt=4, seed=0,
-                       pairing=pairing, batch_size=8, steps=1, height=32, width=32, progress=False)
+    stats = make_pairs(
+        sd,
+        lambda media, prompts: fixed[: len(prompts)],
+        PROMPTS,
+        tmp_path,
+        per_prompt=4,
+        seed=0,
+        pairing=pairing,
+        batch_size=8,
+        steps=1,
+        height=32,
+        width=32,
+        progress=False,
+    )
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert stats["pairs"] == len(rows) == expected
     assert all(fixed[r["seed_chosen"]] == 1 and fixed[r["seed_rejected"]] == 0 for r in rows)
@@ -78,14 +101,29 @@ def test_evaluate_variants_against_the_base(sd, reward, tmp_path):
         for p in sd.lora_parameters("moved"):
             p.add_(0.3 * torch.randn_like(p))
     prompts = PROMPTS * 3
-    report = evaluate_variants(sd, {"base": None, "same": "same", "moved": "moved"}, prompts, list(range(6)),
-                               tmp_path, scorers={"clip": score_with(reward)}, oracle=True, steps=2, height=32,
-                               width=32)
+    report = evaluate_variants(
+        sd,
+        {"base": None, "same": "same", "moved": "moved"},
+        prompts,
+        list(range(6)),
+        tmp_path,
+        scorers={"clip": score_with(reward)},
+        oracle=True,
+        steps=2,
+        height=32,
+        width=32,
+    )
     rows = report["variants"]
     assert rows["same"]["win_rate/clip"] == 0.5 and rows["same"]["fd_to_base"] == pytest.approx(0.0, abs=1e-4)
     assert rows["moved"]["fd_to_base"] > 0 and rows["moved"]["reward/clip"] != rows["base"]["reward/clip"]
-    for key in ("saturation", "brightness", "color_entropy", "diversity", "diversity_within_prompt",
-                "oracle/all/object_rate"):
+    for key in (
+        "saturation",
+        "brightness",
+        "color_entropy",
+        "diversity",
+        "diversity_within_prompt",
+        "oracle/all/object_rate",
+    ):
         assert key in rows["base"]
     assert (tmp_path / "grid.png").exists()
     assert json.loads((tmp_path / "report.json").read_text())["base"] == "base"
@@ -117,9 +155,30 @@ def test_evaluate_cli(tiny_pipeline_dir, tmp_path, capsys):
     model = load_model(tiny_pipeline_dir("sd"))
     model.add_lora(rank=2)
     model.save_lora(tmp_path / "lora")
-    rc = main(["evaluate", "--model", str(tiny_pipeline_dir("sd")), "--lora", str(tmp_path / "lora"),
-               "--prompts", "a red circle", "--oracle", "--n", "2", "--steps", "2", "--height", "32", "--width",
-               "32", "--out", str(tmp_path / "eval"), "--reference", str(REFERENCE)])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_pipeline_dir("sd")),
+            "--lora",
+            str(tmp_path / "lora"),
+            "--prompts",
+            "a red circle",
+            "--oracle",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--out",
+            str(tmp_path / "eval"),
+            "--reference",
+            str(REFERENCE),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "base" in out and "lora" in out and "oracle/all/obj" in out

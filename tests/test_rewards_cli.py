@@ -89,8 +89,22 @@ def test_score_videos_with_an_image_reward_from_a_folder(tmp_path):
         save_video(v, video_dir / f"{i:03d}.gif")
     (tmp_path / "p.txt").write_text("\n".join(captions))
     out = tmp_path / "v.jsonl"
-    main(["--reward", f"clip(model={clip_dir})", "--videos", str(video_dir), "--prompts", str(tmp_path / "p.txt"),
-          "--out", str(out), "--frames", "3", "--reduce", "min"])
+    main(
+        [
+            "--reward",
+            f"clip(model={clip_dir})",
+            "--videos",
+            str(video_dir),
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--out",
+            str(out),
+            "--frames",
+            "3",
+            "--reduce",
+            "min",
+        ]
+    )
     rows = _rows(out)
     assert len(rows) == 3 and all(-1 <= r["score"] <= 1 for r in rows)
 
@@ -103,8 +117,18 @@ def test_score_videos_with_an_image_reward_from_a_folder(tmp_path):
     ).scores
     torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), ref, rtol=1e-5, atol=1e-6)
 
-    main(["--reward", "oracle", "--videos", str(video_dir), "--prompts", str(tmp_path / "p.txt"),
-          "--out", str(tmp_path / "o.jsonl")])
+    main(
+        [
+            "--reward",
+            "oracle",
+            "--videos",
+            str(video_dir),
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     assert [r["score"] for r in _rows(tmp_path / "o.jsonl")] == [1.0, 1.0, 1.0]
 
 

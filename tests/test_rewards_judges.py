@@ -58,8 +58,9 @@ def judge():
 
 def _processor_inputs(judge: VLMJudge, images: list[torch.Tensor], parts: list[list]):
     texts = [judge.chat_text(p) for p in parts]
-    return judge.processor(text=texts, images=images, do_rescale=False, padding=True, padding_side="left",
-                           return_tensors="pt")
+    return judge.processor(
+        text=texts, images=images, do_rescale=False, padding=True, padding_side="left", return_tensors="pt"
+    )
 
 
 def _direct_probs(judge: VLMJudge, images, parts, answers):
@@ -101,7 +102,7 @@ def test_yes_probability_is_vqascore(judge):
     torch.testing.assert_close(out.scores, probs[:, 0], rtol=1e-5, atol=1e-7)  # full-vocabulary softmax
     torch.testing.assert_close(out.components["p_no"], probs[:, 1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.components["answer_mass"], probs.sum(-1), rtol=1e-5, atol=1e-7)
-    assert "Does this figure show \"a red circle\"? Please answer yes or no." in judge.chat_text(parts[0])
+    assert 'Does this figure show "a red circle"? Please answer yes or no.' in judge.chat_text(parts[0])
     assert out.valid.all() and len(set(out.scores.tolist())) == 4  # the images are told apart
 
     normalized = random_vlm_judge("tiny", normalize=True)(images, PROMPTS)
@@ -131,13 +132,13 @@ def test_pairwise_judges_both_orders_and_cancels_position_bias(judge):
     # the one-order verdicts are those of the swapped call, and they are biased: the average is not either one
     torch.testing.assert_close(ab.components["first_shown_first"], 1 - ba.components["first_shown_second"])
     assert ab.components["position_bias"].abs().min() > 0.01
-    torch.testing.assert_close(ab.scores, 0.5 * (ab.components["first_shown_first"]
-                                                 + ab.components["first_shown_second"]))
+    torch.testing.assert_close(
+        ab.scores, 0.5 * (ab.components["first_shown_first"] + ab.components["first_shown_second"])
+    )
     # the first image really is shown first: a direct single-order judgement
     parts = [judge.template.pairwise_parts(p) for p in PROMPTS]
     direct = _direct_probs(judge, [im for pair in zip(a, b) for im in pair], parts, ["1", "2"])
-    torch.testing.assert_close(ab.components["first_shown_first"], direct[:, 0] / direct.sum(-1), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(ab.components["first_shown_first"], direct[:, 0] / direct.sum(-1), rtol=1e-5, atol=1e-6)
     same = judge.compare(a, a, PROMPTS)
     torch.testing.assert_close(same.scores, torch.full((4,), 0.5), rtol=0, atol=1e-6)
     # images of different sizes go through two calls; batch chunks do not change results
@@ -197,8 +198,12 @@ def chat_response(text: str, top: dict[str, float] | None = None) -> dict:
     choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
     if top is not None:
         tops = [{"token": t, "logprob": math.log(p)} for t, p in top.items()]
-        choice["logprobs"] = {"content": [{"token": "\n", "logprob": -0.01, "top_logprobs": []},
-                                          {"token": text, "logprob": tops[0]["logprob"], "top_logprobs": tops}]}
+        choice["logprobs"] = {
+            "content": [
+                {"token": "\n", "logprob": -0.01, "top_logprobs": []},
+                {"token": text, "logprob": tops[0]["logprob"], "top_logprobs": tops},
+            ]
+        }
     return {"object": "chat.completion", "choices": [choice]}
 
 
@@ -313,8 +318,13 @@ def test_openai_judge_request_and_logprob_answers(chat_server, monkeypatch):
 
 
 def test_openai_judge_reads_text_answers_and_flags_unparsable_ones(chat_server):
-    replies = {"a red circle": "Yes.", "a blue square on the left": "no", "a green triangle": "**Answer: YES**",
-               "a yellow circle on the top": "I cannot tell from this picture.", "a cat": ""}
+    replies = {
+        "a red circle": "Yes.",
+        "a blue square on the left": "no",
+        "a green triangle": "**Answer: YES**",
+        "a yellow circle on the top": "I cannot tell from this picture.",
+        "a cat": "",
+    }
 
     def answer(body):
         prompt = _question(body).split('"')[1]
@@ -367,8 +377,9 @@ def test_openai_judge_gives_up_after_bounded_retries(chat_server):
     assert len(server.requests) == 3
 
     server.script = [("status", 500, {})] * 2
-    tolerant = load_openai_judge(server.base_url, model="m", retries=1, backoff=0.01, on_error="invalid",
-                                 concurrency=1)
+    tolerant = load_openai_judge(
+        server.base_url, model="m", retries=1, backoff=0.01, on_error="invalid", concurrency=1
+    )
     out = tolerant(_images(2), PROMPTS[:2])  # the first request fails twice, the second is answered
     assert out.valid.tolist() == [False, True] and out.scores[~out.valid].isnan().all()
 
@@ -390,8 +401,7 @@ def test_openai_judge_times_out_and_reports_a_stopped_server(chat_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    stopped = load_openai_judge(f"http://127.0.0.1:{port}/v1", model="m", retries=1, backoff=0.01,
-                                on_error="invalid")
+    stopped = load_openai_judge(f"http://127.0.0.1:{port}/v1", model="m", retries=1, backoff=0.01, on_error="invalid")
     start = time.monotonic()
     assert not stopped(_images(2), PROMPTS[:2]).valid.any()
     with pytest.raises(RewardError, match="connection refused"):

@@ -300,8 +300,14 @@ def test_aesthetic_loads_original_weights_and_equals_reference(open_clip_files, 
     torch.manual_seed(4)
     # the original module: layers.{0,2,4,6,7} with dropouts between (improved-aesthetic-predictor)
     original = torch.nn.Sequential(
-        torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        torch.nn.Linear(16, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
     ).eval()
     path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     torch.save({f"layers.{k}": v for k, v in original.state_dict().items()}, path)
@@ -317,8 +323,14 @@ def test_aesthetic_loads_original_weights_and_equals_reference(open_clip_files, 
 
 
 # ----------------------------------------------------------------------------------------------- imagereward
-TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": 32, "patch_size": 8}
+TINY_VIT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 def _original_imagereward_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -330,32 +342,73 @@ def _original_imagereward_state(vocab: int, seed: int = 0) -> dict[str, torch.Te
 
     d, dt, ff, L = 32, 32, 64, 2
     v = "blip.visual_encoder."
-    s = {v + "cls_token": t(1, 1, d), v + "pos_embed": t(1, 17, d),
-         v + "patch_embed.proj.weight": t(d, 3, 8, 8), v + "patch_embed.proj.bias": t(d),
-         v + "norm.weight": 1 + t(d), v + "norm.bias": t(d),
-         "blip.vision_proj.weight": t(8, d), "blip.vision_proj.bias": t(8), "blip.text_proj.weight": t(8, dt),
-         "blip.text_proj.bias": t(8)}
+    s = {
+        v + "cls_token": t(1, 1, d),
+        v + "pos_embed": t(1, 17, d),
+        v + "patch_embed.proj.weight": t(d, 3, 8, 8),
+        v + "patch_embed.proj.bias": t(d),
+        v + "norm.weight": 1 + t(d),
+        v + "norm.bias": t(d),
+        "blip.vision_proj.weight": t(8, d),
+        "blip.vision_proj.bias": t(8),
+        "blip.text_proj.weight": t(8, dt),
+        "blip.text_proj.bias": t(8),
+    }
     for i in range(L):
         p = f"blip.visual_encoder.blocks.{i}."
-        s.update({p + "norm1.weight": 1 + t(d), p + "norm1.bias": t(d), p + "attn.qkv.weight": t(3 * d, d),
-                  p + "attn.qkv.bias": t(3 * d), p + "attn.proj.weight": t(d, d), p + "attn.proj.bias": t(d),
-                  p + "norm2.weight": 1 + t(d), p + "norm2.bias": t(d), p + "mlp.fc1.weight": t(ff, d),
-                  p + "mlp.fc1.bias": t(ff), p + "mlp.fc2.weight": t(d, ff), p + "mlp.fc2.bias": t(d)})
+        s.update(
+            {
+                p + "norm1.weight": 1 + t(d),
+                p + "norm1.bias": t(d),
+                p + "attn.qkv.weight": t(3 * d, d),
+                p + "attn.qkv.bias": t(3 * d),
+                p + "attn.proj.weight": t(d, d),
+                p + "attn.proj.bias": t(d),
+                p + "norm2.weight": 1 + t(d),
+                p + "norm2.bias": t(d),
+                p + "mlp.fc1.weight": t(ff, d),
+                p + "mlp.fc1.bias": t(ff),
+                p + "mlp.fc2.weight": t(d, ff),
+                p + "mlp.fc2.bias": t(d),
+            }
+        )
     e = "blip.text_encoder.embeddings."
-    s.update({e + "word_embeddings.weight": t(vocab, dt), e + "position_embeddings.weight": t(64, dt),
-              e + "LayerNorm.weight": 1 + t(dt), e + "LayerNorm.bias": t(dt),
-              e + "position_ids": torch.arange(64)[None]})
+    s.update(
+        {
+            e + "word_embeddings.weight": t(vocab, dt),
+            e + "position_embeddings.weight": t(64, dt),
+            e + "LayerNorm.weight": 1 + t(dt),
+            e + "LayerNorm.bias": t(dt),
+            e + "position_ids": torch.arange(64)[None],
+        }
+    )
     for i in range(L):
         p = f"blip.text_encoder.encoder.layer.{i}."
         for att, kv in (("attention", dt), ("crossattention", d)):
-            s.update({p + f"{att}.self.query.weight": t(dt, dt), p + f"{att}.self.query.bias": t(dt),
-                      p + f"{att}.self.key.weight": t(dt, kv), p + f"{att}.self.key.bias": t(dt),
-                      p + f"{att}.self.value.weight": t(dt, kv), p + f"{att}.self.value.bias": t(dt),
-                      p + f"{att}.output.dense.weight": t(dt, dt), p + f"{att}.output.dense.bias": t(dt),
-                      p + f"{att}.output.LayerNorm.weight": 1 + t(dt), p + f"{att}.output.LayerNorm.bias": t(dt)})
-        s.update({p + "intermediate.dense.weight": t(ff, dt), p + "intermediate.dense.bias": t(ff),
-                  p + "output.dense.weight": t(dt, ff), p + "output.dense.bias": t(dt),
-                  p + "output.LayerNorm.weight": 1 + t(dt), p + "output.LayerNorm.bias": t(dt)})
+            s.update(
+                {
+                    p + f"{att}.self.query.weight": t(dt, dt),
+                    p + f"{att}.self.query.bias": t(dt),
+                    p + f"{att}.self.key.weight": t(dt, kv),
+                    p + f"{att}.self.key.bias": t(dt),
+                    p + f"{att}.self.value.weight": t(dt, kv),
+                    p + f"{att}.self.value.bias": t(dt),
+                    p + f"{att}.output.dense.weight": t(dt, dt),
+                    p + f"{att}.output.dense.bias": t(dt),
+                    p + f"{att}.output.LayerNorm.weight": 1 + t(dt),
+                    p + f"{att}.output.LayerNorm.bias": t(dt),
+                }
+            )
+        s.update(
+            {
+                p + "intermediate.dense.weight": t(ff, dt),
+                p + "intermediate.dense.bias": t(ff),
+                p + "output.dense.weight": t(dt, ff),
+                p + "output.dense.bias": t(dt),
+                p + "output.LayerNorm.weight": 1 + t(dt),
+                p + "output.LayerNorm.bias": t(dt),
+            }
+        )
     for k, (o, i) in zip((0, 2, 4, 6, 7), ((1024, dt), (128, 1024), (64, 128), (16, 64), (1, 16))):
         s[f"mlp.layers.{k}.weight"] = t(o, i, scale=0.05)
         s[f"mlp.layers.{k}.bias"] = t(o, scale=0.05)
@@ -391,11 +444,20 @@ def _reference_imagereward(s, pixels, ids, mask, heads=2):
     ext = (1.0 - mask[:, None, None, :].float()) * -10000.0  # med.py get_extended_attention_mask
     for i in range(2):
         p = f"blip.text_encoder.encoder.layer.{i}."
-        a = _attention(lin(h, p + "attention.self.query"), lin(h, p + "attention.self.key"),
-                       lin(h, p + "attention.self.value"), heads, ext)
+        a = _attention(
+            lin(h, p + "attention.self.query"),
+            lin(h, p + "attention.self.key"),
+            lin(h, p + "attention.self.value"),
+            heads,
+            ext,
+        )
         h = ln(lin(a, p + "attention.output.dense") + h, p + "attention.output.LayerNorm", 1e-12)
-        c = _attention(lin(h, p + "crossattention.self.query"), lin(image, p + "crossattention.self.key"),
-                       lin(image, p + "crossattention.self.value"), heads)
+        c = _attention(
+            lin(h, p + "crossattention.self.query"),
+            lin(image, p + "crossattention.self.key"),
+            lin(image, p + "crossattention.self.value"),
+            heads,
+        )
         h = ln(lin(c, p + "crossattention.output.dense") + h, p + "crossattention.output.LayerNorm", 1e-12)
         ff = lin(F.gelu(lin(h, p + "intermediate.dense")), p + "output.dense")
         h = ln(ff + h, p + "output.LayerNorm", 1e-12)
@@ -415,9 +477,18 @@ def test_imagereward_loads_original_checkpoint_and_equals_reference(tmp_path):
     ckpt = tmp_path / "ImageReward"
     ckpt.mkdir()
     torch.save(state, ckpt / "ImageReward.pt")
-    med = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "max_position_embeddings": 64, "vocab_size": len(tokenizer), "encoder_width": 32,
-           "layer_norm_eps": 1e-12, "hidden_act": "gelu", "add_cross_attention": True}
+    med = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "vocab_size": len(tokenizer),
+        "encoder_width": 32,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "add_cross_attention": True,
+    }
     (ckpt / "med_config.json").write_text(json.dumps(med))
     reward = load_imagereward(str(ckpt), tokenizer=str(tok_dir), vit=TINY_VIT)
 
@@ -445,8 +516,15 @@ def test_imagereward_rejects_a_checkpoint_of_another_shape(tmp_path):
     state = _original_imagereward_state(vocab)
     del state["blip.visual_encoder.norm.weight"]
     torch.save(state, tmp_path / "ImageReward.pt")
-    med = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "max_position_embeddings": 64, "vocab_size": vocab, "encoder_width": 32}
+    med = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "vocab_size": vocab,
+        "encoder_width": 32,
+    }
     (tmp_path / "med_config.json").write_text(json.dumps(med))
     with pytest.raises(CheckpointError, match=r"1 missing .*post_layernorm.weight"):
         load_imagereward(str(tmp_path / "ImageReward.pt"), tokenizer=str(tok_dir), vit=TINY_VIT)

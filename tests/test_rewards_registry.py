@@ -44,8 +44,18 @@ def aesthetic():
 # ----------------------------------------------------------------------------------------------- registry
 def test_builtins_are_registered_with_metadata():
     names = list_rewards()
-    for name in ("clip", "hps-v2", "hps-v2.1", "pickscore", "aesthetic", "imagereward", "discriminator", "video",
-                 "temporal-consistency", "oracle"):
+    for name in (
+        "clip",
+        "hps-v2",
+        "hps-v2.1",
+        "pickscore",
+        "aesthetic",
+        "imagereward",
+        "discriminator",
+        "video",
+        "temporal-consistency",
+        "oracle",
+    ):
         assert name in names
     assert reward_spec("aesthetic").needs_prompt is False
     assert reward_spec("oracle").differentiable is False

@@ -91,11 +91,13 @@ def test_remote_equals_local_through_a_real_server(clip, clip_server):
 
     png = build_reward(f"remote:{clip_server.url}")  # the sugar of the spec grammar; PNG by default
     assert png.encoding == "png"
-    torch.testing.assert_close(png(media, PROMPTS).scores, clip(quantize(media, "png"), PROMPTS).scores,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        png(media, PROMPTS).scores, clip(quantize(media, "png"), PROMPTS).scores, rtol=0, atol=1e-6
+    )
     half = build_reward(f"remote({clip_server.url}, encoding=f16, batch_size=3)")  # two requests
-    torch.testing.assert_close(half(media, PROMPTS).scores, clip(quantize(media, "f16"), PROMPTS).scores,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        half(media, PROMPTS).scores, clip(quantize(media, "f16"), PROMPTS).scores, rtol=0, atol=1e-6
+    )
     assert png.health()["reward"] == "clip"
 
 

@@ -228,8 +228,24 @@ def test_generate_and_evaluate_with_experts(tiny_pipeline_dir, trained, tmp_path
     assert rc == 0
     row = json.loads((tmp_path / "gen" / "metadata.jsonl").read_text().splitlines()[0])
     assert row["nfe"] == 2 * 8 and row["skip_stride"] == 2  # 10 DDIM steps, 5 at t >= 500 thinned to 3; CFG
-    rc = main(["evaluate", *common, "--prompts", "a red circle on the left", "--oracle", "--n", "2", "--out",
-               str(tmp_path / "eval"), "--experts", str(trained / "final"), "--experts_alone", "--skip_stride", "2"])
+    rc = main(
+        [
+            "evaluate",
+            *common,
+            "--prompts",
+            "a red circle on the left",
+            "--oracle",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "eval"),
+            "--experts",
+            str(trained / "final"),
+            "--experts_alone",
+            "--skip_stride",
+            "2",
+        ]
+    )
     assert rc == 0 and "nfe" in capsys.readouterr().out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())["variants"]
     assert set(report) == {"base", "experts", "experts[early]", "experts[late]", "experts-skip2", "base-skip2"}

@@ -198,6 +198,10 @@ def test_summary_splits_and_rates():
     }
     assert report["held_out"]["n"] == 2 and report["held_out"]["strict_acc"] == 0.5
     assert report["held_out"]["position_acc"] == 1.0 and report["all"]["object_rate"] == pytest.approx(2 / 3)
+    # per named shape, both splits: the cyan square (no object drawn) is the square group's failure
+    assert set(report) == {"all", "held_in", "held_out", "circle", "triangle", "square"}
+    assert report["square"]["n"] == 1 and report["square"]["strict_acc"] == 0.0
+    assert report["triangle"]["strict_acc"] == 1.0 and report["circle"]["strict_acc"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------- oracle: videos

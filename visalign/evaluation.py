@@ -115,15 +115,10 @@ def sample_all(model, prompts: list[str], seeds: list[int], **kw) -> torch.Tenso
 def oracle_metrics(media: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Shapes-world oracle figures, flattened: ``oracle/held_in/strict_acc`` etc. (None values dropped)."""
     from .toyworld import judge_images, judge_videos, summarize
+    from .toyworld.oracle import flatten_summary
 
     judge = judge_videos if media.ndim == 5 else judge_images
-    summary = summarize(judge(media, prompts))
-    return {
-        f"oracle/{split}/{k}": float(v)
-        for split, values in summary.items()
-        for k, v in values.items()
-        if v is not None and k != "n_positioned"
-    }
+    return flatten_summary(summarize(judge(media, prompts)))
 
 
 def evaluate_samples(
@@ -226,17 +221,11 @@ def evaluate_variants(
             row[f"reward/{reward_name}"] = float(s.mean())
         if oracle:
             from .toyworld import judge_images, judge_videos, summarize
+            from .toyworld.oracle import flatten_summary
 
             verdicts = (judge_videos if media[name].ndim == 5 else judge_images)(media[name], prompts)
             scores[name]["oracle_strict"] = torch.tensor([float(v.strict) for v in verdicts])
-            row.update(
-                {
-                    f"oracle/{split}/{k}": float(v)
-                    for split, vals in summarize(verdicts).items()
-                    for k, v in vals.items()
-                    if v is not None and k != "n_positioned"
-                }
-            )
+            row.update(flatten_summary(summarize(verdicts)))
         report[name] = row
     for name in variants:
         if name == base:
@@ -266,8 +255,6 @@ def format_table(report: dict, keys: list[str] | None = None) -> str:
     cols = [max(len(k), 8) for k in keys]
     lines = [" " * width + "  ".join(f"{k:>{c}s}" for k, c in zip(keys, cols))]
     for name, row in variants.items():
-        cells = [
-            f"{row[k]:{c}.4f}" if isinstance(row.get(k), float) else f"{'-':>{c}s}" for k, c in zip(keys, cols)
-        ]
+        cells = [f"{row[k]:{c}.4f}" if isinstance(row.get(k), float) else f"{'-':>{c}s}" for k, c in zip(keys, cols)]
         lines.append(f"{name:{width}s}" + "  ".join(cells))
     return "\n".join(lines)

@@ -74,8 +74,11 @@ def pairwise_diversity(features: torch.Tensor) -> float:
 
 def drift_stats(media: torch.Tensor) -> dict[str, float]:
     """Means of saturation, brightness and colour entropy over a set of samples."""
-    return {"saturation": float(saturation(media).mean()), "brightness": float(brightness(media).mean()),
-            "color_entropy": float(color_entropy(media).mean())}
+    return {
+        "saturation": float(saturation(media).mean()),
+        "brightness": float(brightness(media).mean()),
+        "color_entropy": float(color_entropy(media).mean()),
+    }
 
 
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

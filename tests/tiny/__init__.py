@@ -25,8 +25,16 @@ TINY_PIPELINES: dict[str, Callable] = {
 }
 
 # the family each tiny pipeline loads as, and whether it makes videos
-FAMILY_OF = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd3-no-t5": "sd3", "flux": "flux",
-             "wan": "wan", "cogvideox": "cogvideox"}
+FAMILY_OF = {
+    "sd": "sd",
+    "sd-v": "sd",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "sd3-no-t5": "sd3",
+    "flux": "flux",
+    "wan": "wan",
+    "cogvideox": "cogvideox",
+}
 VIDEO = {"wan", "cogvideox"}
 ONLINE_PROMPTS = ["a red circle", "a blue square", "a green triangle on the left"]  # the online trainers' tests
 

@@ -36,6 +36,7 @@ import torch
 from .captions import (
     BACKGROUND,
     PALETTE,
+    SHAPES,
     Caption,
     VideoCaption,
     parse_caption,
@@ -397,15 +398,34 @@ def _aggregate(verdicts: list, metrics: dict[str, str]) -> dict:
 
 
 def summarize(verdicts: list[ImageVerdict] | list[VideoVerdict]) -> dict[str, dict]:
-    """Aggregate verdicts: ``{"all": ..., "held_in": ..., "held_out": ...}``.
+    """Aggregate verdicts: ``{"all": ..., "held_in": ..., "held_out": ..., "circle": ..., "square": ...}``.
 
     Each entry has ``n``, ``object_rate``, ``color_acc``, ``shape_acc``, ``strict_acc`` and, for images,
     ``position_acc`` (over the captions that name a position, ``n_positioned`` of them); for videos,
-    ``direction_acc`` and ``consistency``. A rate is ``None`` when it has no samples.
+    ``direction_acc`` and ``consistency``. A rate is ``None`` when it has no samples. The shape entries
+    (captions naming that shape, both splits) show where a model fails, e.g. squares drawn with round corners.
     """
-    metrics = VIDEO_METRICS if verdicts and isinstance(verdicts[0], VideoVerdict) else IMAGE_METRICS
+    video = bool(verdicts) and isinstance(verdicts[0], VideoVerdict)
+    metrics = VIDEO_METRICS if video else IMAGE_METRICS
+    named = [(parse_video_caption if video else parse_caption)(v.caption).shape for v in verdicts]
     return {
         "all": _aggregate(verdicts, metrics),
         "held_in": _aggregate([v for v in verdicts if v.split == "held_in"], metrics),
         "held_out": _aggregate([v for v in verdicts if v.split == "held_out"], metrics),
+        **{
+            shape: _aggregate([v for v, n in zip(verdicts, named) if n == shape], metrics)
+            for shape in SHAPES
+            if shape in named
+        },
+    }
+
+
+def flatten_summary(summary: dict[str, dict]) -> dict[str, float]:
+    """:func:`summarize`'s figures as flat ``oracle/{group}/{metric}`` keys (``None`` and counts of positions
+    dropped), as reports and logs hold them."""
+    return {
+        f"oracle/{group}/{k}": float(v)
+        for group, values in summary.items()
+        for k, v in values.items()
+        if v is not None and k != "n_positioned"
     }
