@@ -314,3 +314,13 @@ def test_eval_seed_picks_the_evaluation_seeds(tmp_path, prompt_file):
         task = make("sd", tmp_path / name, prompt_file, eval_seed=seed, **kw)
         figures[name] = task.evaluate_at(0, tmp_path / name / "eval", ema=False)["reward/test-brightness"]
     assert figures["same"] == figures["default"] != figures["other"]
+
+
+def test_rollouts_never_start_from_an_evaluated_videos_noise():
+    from trainers.grpo import rollout_seed
+
+    # evaluation samples video i from seed (eval_seed + i); rollout seeds used to be seed*1_000_003 + rollouts,
+    # so seed 0's rollout r began from evaluation video r's initial noise
+    evaluated = set(range(0, 100_000))
+    used = {rollout_seed(s, rank, r) for s in (0, 1, 42) for rank in range(4) for r in range(5000)}
+    assert not used & evaluated and len(used) == 3 * 4 * 5000

@@ -58,8 +58,16 @@ from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
 from visalign.sde import get_sampler, kl_to_reference
 
-
 # ----------------------------------------------------------------------------------------------- rollouts
+ROLLOUT_SEED_BASE = 1 << 40
+
+
+def rollout_seed(seed: int, rank: int, rollouts: int) -> int:
+    """The generator seed of a process's next rollout: far above the small integers evaluation seeds samples
+    with (``seed + i``), so no rollout starts from the initial noise of a video the run is judged on."""
+    return ROLLOUT_SEED_BASE + seed * 1_000_003 + rank * 100_003 + rollouts
+
+
 @dataclass
 class Rollout:
     """One rollout: ``N = prompts x group_size`` samples and what training needs of them.
@@ -269,7 +277,7 @@ class GRPO:
     def rollout(self, prompt_ids: list[int]) -> Rollout:
         """Sample and score one rollout, and queue its micro-batches (inner epochs x updates x trained steps)."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 100_003 + self.rollouts)
+        generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, self.rank, self.rollouts))
         start = time.perf_counter()
         ro = self.sample_rollout(prompt_ids, generator)
         seconds = time.perf_counter() - start
