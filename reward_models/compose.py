@@ -23,8 +23,13 @@ NORMALIZATIONS = ("none", "normalise-then-sum", "sum-then-normalise")
 _ALIASES = {"normalize-then-sum": "normalise-then-sum", "sum-then-normalize": "sum-then-normalise"}
 
 
-def zscore(x: torch.Tensor, mean: float | torch.Tensor | None, std: float | torch.Tensor | None, eps: float,
-           valid: torch.Tensor | None = None):
+def zscore(
+    x: torch.Tensor,
+    mean: float | torch.Tensor | None,
+    std: float | torch.Tensor | None,
+    eps: float,
+    valid: torch.Tensor | None = None,
+):
     """``(x - mean) / (std + eps)``; ``mean``/``std`` ``None`` use the batch's (population std) over the ``valid``
     samples only, so one unscorable sample (NaN) does not spoil the others."""
     if mean is None or std is None:
@@ -56,8 +61,13 @@ class Affine(_Wrapper):
         lo_hi = reward.spec.nominal_range
         rng = None if lo_hi is None else tuple(sorted((scale * lo_hi[0] + shift, scale * lo_hi[1] + shift)))
         spec = RewardSpec(
-            f"affine({reward.spec.name})", reward.spec.modalities, reward.spec.needs_prompt,
-            reward.spec.differentiable, reward.spec.pairwise, rng, f"{scale} * {reward.spec.name} + {shift}",
+            f"affine({reward.spec.name})",
+            reward.spec.modalities,
+            reward.spec.needs_prompt,
+            reward.spec.differentiable,
+            reward.spec.pairwise,
+            rng,
+            f"{scale} * {reward.spec.name} + {shift}",
         )
         super().__init__(reward, spec)
         self.scale = float(scale)
@@ -85,8 +95,13 @@ class ZScore(_Wrapper):
         if (mean is None) != (std is None):
             raise RewardSpecError("ZScore needs both mean and std, or neither (batch statistics)")
         spec = RewardSpec(
-            f"zscore({reward.spec.name})", reward.spec.modalities, reward.spec.needs_prompt,
-            reward.spec.differentiable, reward.spec.pairwise, (-3.0, 3.0), f"z-scored {reward.spec.name}",
+            f"zscore({reward.spec.name})",
+            reward.spec.modalities,
+            reward.spec.needs_prompt,
+            reward.spec.differentiable,
+            reward.spec.pairwise,
+            (-3.0, 3.0),
+            f"z-scored {reward.spec.name}",
         )
         super().__init__(reward, spec)
         self.mean, self.std, self.eps = mean, std, eps

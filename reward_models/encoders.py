@@ -197,16 +197,46 @@ class HFCLIPTower(nn.Module):
         torch.manual_seed(seed)
         ids = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
         if size == "tiny":
-            text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16, **ids}
-            vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 32, "patch_size": 8, "projection_dim": 16}
+            text = {
+                "vocab_size": 49408,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 77,
+                "projection_dim": 16,
+                **ids,
+            }
+            vision = {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+                "projection_dim": 16,
+            }
             proj = 16
         elif size == "clip-h":
-            text = {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", **ids}
-            vision = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "gelu"}
+            text = {
+                "vocab_size": 49408,
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "max_position_embeddings": 77,
+                "hidden_act": "gelu",
+                **ids,
+            }
+            vision = {
+                "hidden_size": 1280,
+                "intermediate_size": 5120,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 16,
+                "image_size": 224,
+                "patch_size": 14,
+                "hidden_act": "gelu",
+            }
             proj = 1024
         else:
             raise ValueError(f"unknown size {size!r}; use 'tiny' or 'clip-h'")
@@ -318,11 +348,13 @@ class FeatureEncoder(nn.Module):
         from transformers import Dinov2Config, Dinov2Model
 
         if size == "tiny":
-            config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                  image_size=32, patch_size=8)
+            config = Dinov2Config(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8
+            )
         else:
-            config = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224,
-                                  patch_size=14)
+            config = Dinov2Config(
+                hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=14
+            )
         model = Dinov2Model(config).eval()
         return cls(model, _default_vision_transform(config), "transformers", None)
 

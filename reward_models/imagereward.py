@@ -55,8 +55,14 @@ MED_CONFIG = {
     "encoder_width": 1024,
 }
 # BLIP create_vit('large', 224)
-VIT_LARGE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-             "image_size": 224, "patch_size": 16}
+VIT_LARGE = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 16,
+}
 
 
 def blip_configs(med: dict, vit: dict, tokenizer=None):
@@ -68,8 +74,11 @@ def blip_configs(med: dict, vit: dict, tokenizer=None):
 
     ids = {}
     if tokenizer is not None:
-        ids = {"bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id,
-               "eos_token_id": tokenizer.sep_token_id}
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        }
     vision = BlipVisionConfig(**vit, layer_norm_eps=1e-6, hidden_act="gelu")
     text = BlipTextConfig(
         vocab_size=med["vocab_size"],
@@ -238,10 +247,23 @@ def random_imagereward(size: str = "tiny", seed: int = 0) -> ImageReward:
     torch.manual_seed(seed)
     tokenizer = blip_tokenizer(tiny_bert_tokenizer())
     if size == "tiny":
-        med = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "max_position_embeddings": 64, "vocab_size": len(tokenizer), "encoder_width": 32}
-        vit = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "image_size": 32, "patch_size": 8}
+        med = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "vocab_size": len(tokenizer),
+            "encoder_width": 32,
+        }
+        vit = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        }
     else:
         med, vit = {**MED_CONFIG, "vocab_size": max(len(tokenizer), MED_CONFIG["vocab_size"])}, VIT_LARGE
     vision_cfg, text_cfg = blip_configs(med, vit, tokenizer)

@@ -118,8 +118,15 @@ class ChatClient:
         max_backoff: longest wait.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0, max_backoff: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ):
         if timeout <= 0 or retries < 0 or backoff < 0:
             raise RewardSpecError(f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout}, {retries}, {backoff}")
         self.base_url = _base_url(base_url)
@@ -131,7 +138,9 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         result, _ = with_retries(
             lambda: request_json(self.url, payload, timeout=self.timeout, headers=headers),
-            self.retries, self.backoff, self.max_backoff,
+            self.retries,
+            self.backoff,
+            self.max_backoff,
         )
         return result
 
@@ -161,8 +170,12 @@ class RandomChatEndpoint:
         top = sorted(zip(self.TOKENS, logprobs.tolist()), key=lambda t: -t[1])
         answer, logprob = top[0]
         first = {"token": answer, "logprob": logprob, "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top]}
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer},
-                  "logprobs": {"content": [first]}}
+        choice = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": answer},
+            "logprobs": {"content": [first]},
+        }
         return {"object": "chat.completion", "model": payload.get("model", "random"), "choices": [choice]}
 
 
@@ -183,9 +196,20 @@ class OpenAIJudge(JudgeReward):
         batch_size: samples per chunk.
     """
 
-    def __init__(self, client: Callable[[dict], dict], model: str, template: JudgeTemplate | None = None, *,
-                 logprobs: bool = True, top_logprobs: int = 20, max_tokens: int = 8, concurrency: int = 8,
-                 on_error: str = "raise", min_mass: float = 0.0, batch_size: int = 16):
+    def __init__(
+        self,
+        client: Callable[[dict], dict],
+        model: str,
+        template: JudgeTemplate | None = None,
+        *,
+        logprobs: bool = True,
+        top_logprobs: int = 20,
+        max_tokens: int = 8,
+        concurrency: int = 8,
+        on_error: str = "raise",
+        min_mass: float = 0.0,
+        batch_size: int = 16,
+    ):
         if on_error not in ON_ERROR:
             raise RewardSpecError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if concurrency < 1 or max_tokens < 1:
@@ -226,12 +250,15 @@ class OpenAIJudge(JudgeReward):
         failures = [r for r in responses if isinstance(r, TransportError)]
         if failures and self.on_error == "raise":
             tries = getattr(failures[0], "attempts", 1)
-            raise RewardError(f"openai-judge: {len(failures)} of {len(responses)} requests failed (after {tries} "
-                              f"tries): {failures[0]}")
+            raise RewardError(
+                f"openai-judge: {len(failures)} of {len(responses)} requests failed (after {tries} "
+                f"tries): {failures[0]}"
+            )
         probs, valid, from_logprobs = [], [], []
         for response in responses:
-            read, used_logprobs = (None, False) if isinstance(response, TransportError) else read_answer(
-                response, answers)
+            read, used_logprobs = (
+                (None, False) if isinstance(response, TransportError) else read_answer(response, answers)
+            )
             probs.append(read if read is not None else [math.nan] * len(answers))
             valid.append(read is not None)
             from_logprobs.append(float(used_logprobs))
@@ -243,8 +270,16 @@ class OpenAIJudge(JudgeReward):
 
 
 def _template(mode, question, pair_question, system, yes, no, levels, normalize) -> JudgeTemplate:
-    return JudgeTemplate(mode=mode, question=question, pair_question=pair_question or PAIR_QUESTION, system=system,
-                         yes=yes, no=no, levels=int(levels), normalize=bool(normalize))
+    return JudgeTemplate(
+        mode=mode,
+        question=question,
+        pair_question=pair_question or PAIR_QUESTION,
+        system=system,
+        yes=yes,
+        no=no,
+        levels=int(levels),
+        normalize=bool(normalize),
+    )
 
 
 def load_openai_judge(
@@ -282,12 +317,23 @@ def load_openai_judge(
     """
     template = _template(mode, question, pair_question, system, yes, no, levels, normalize)
     client = ChatClient(base_url, os.environ.get(api_key_env) or None, timeout, retries, backoff)
-    return OpenAIJudge(client, model, template, logprobs=logprobs, top_logprobs=top_logprobs, max_tokens=max_tokens,
-                       concurrency=concurrency, on_error=on_error, min_mass=min_mass, batch_size=batch_size).freeze()
+    return OpenAIJudge(
+        client,
+        model,
+        template,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        on_error=on_error,
+        min_mass=min_mass,
+        batch_size=batch_size,
+    ).freeze()
 
 
-def random_openai_judge(size: str = "tiny", mode: str = "yes", levels: int = 5, normalize: bool = False,
-                        seed: int = 0) -> OpenAIJudge:
+def random_openai_judge(
+    size: str = "tiny", mode: str = "yes", levels: int = 5, normalize: bool = False, seed: int = 0
+) -> OpenAIJudge:
     """``openai-judge`` answering from :class:`RandomChatEndpoint` (offline; ``size`` has no effect)."""
     template = _template(mode, None, None, None, "Yes", "No", levels, normalize)
     return OpenAIJudge(RandomChatEndpoint(seed), "random", template).freeze()

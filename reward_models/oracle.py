@@ -47,6 +47,7 @@ class OracleReward(Reward):
 
     def score_batch(self, media: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
         from visalign.toyworld import CaptionError, judge_images, judge_videos, parse_caption, parse_video_caption
+        from visalign.toyworld.oracle import dense_score
 
         video = media.ndim == 5
         parse = parse_video_caption if video else parse_caption
@@ -89,33 +90,6 @@ class OracleReward(Reward):
             {a: torch.tensor(c, device=device) for a, c in comps.items()},
             torch.tensor(ok, device=device),
         )
-
-
-def dense_score(verdict, caption) -> float:
-    """``score="dense"``: shape as :func:`~visalign.toyworld.oracle.shape_credit` of the fill ratio instead of 0/1.
-
-    Videos: the mean of the fraction of frames with the caption's colour, the mean shape credit over the frames,
-    the mean of their product, and the displacement along the named direction over the oracle's threshold
-    (clipped to ``[0, 1]``). Images: the mean of colour (0/1), shape credit and position (0/1, when named).
-    """
-    from visalign.toyworld.oracle import VIDEO_MIN_DISPLACEMENT, shape_credit
-
-    if not hasattr(verdict, "colors"):  # an image
-        if not verdict.object:
-            return 0.0
-        parts = [float(verdict.color_ok), shape_credit(verdict.fill_ratio, caption.shape)]
-        return sum(parts + ([float(verdict.position_ok)] if verdict.position_ok is not None else [])) / (
-            len(parts) + (verdict.position_ok is not None)
-        )
-    color = [float(c == caption.color) for c in verdict.colors]
-    shape = [shape_credit(f, caption.shape) for f in verdict.fill_ratios]
-    both = [c * s for c, s in zip(color, shape)]
-    progress = 0.0
-    if verdict.displacement is not None:
-        sign = 1.0 if caption.direction in ("right", "down") else -1.0
-        progress = min(max(sign * verdict.displacement / VIDEO_MIN_DISPLACEMENT, 0.0), 1.0)
-    frames = len(color)
-    return (sum(color) / frames + sum(shape) / frames + sum(both) / frames + progress) / 4
 
 
 def load_oracle(score: str = "strict", batch_size: int = 64) -> OracleReward:

@@ -171,4 +171,3 @@ def _side(size) -> int:
     if size.height != size.width:
         raise ValueError(f"non-square input size {size.height}x{size.width} is not supported")
     return int(size.height)
-

@@ -51,8 +51,15 @@ class TransportError(RewardError):
         body: the decoded JSON error body, if any.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
-                 retry_after: float | None = None, body: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        body: dict | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
@@ -111,8 +118,11 @@ def request_json(url: str, payload: dict | None = None, *, timeout: float, heade
         except ValueError:  # an HTTP date: use our own backoff
             retry_after = None
         raise TransportError(
-            f"HTTP {e.code} from {url}: {_error_message(body, raw)}", status=e.code,
-            retryable=e.code in RETRYABLE_STATUS, retry_after=retry_after, body=body,
+            f"HTTP {e.code} from {url}: {_error_message(body, raw)}",
+            status=e.code,
+            retryable=e.code in RETRYABLE_STATUS,
+            retry_after=retry_after,
+            body=body,
         ) from None
     except TimeoutError as e:
         raise TransportError(f"no response from {url} within {timeout:g} s", retryable=True) from e
@@ -121,8 +131,9 @@ def request_json(url: str, payload: dict | None = None, *, timeout: float, heade
         if isinstance(reason, TimeoutError):
             raise TransportError(f"no connection to {url} within {timeout:g} s", retryable=True) from e
         if isinstance(reason, ConnectionRefusedError):
-            raise TransportError(f"cannot connect to {url}: connection refused (is the server running?)",
-                                 retryable=True) from e
+            raise TransportError(
+                f"cannot connect to {url}: connection refused (is the server running?)", retryable=True
+            ) from e
         raise TransportError(f"cannot reach {url}: {reason}", retryable=True) from e
     except (ConnectionError, http.client.HTTPException, OSError) as e:  # reset, closed mid-response
         raise TransportError(f"connection to {url} failed: {type(e).__name__}: {e}", retryable=True) from e
@@ -175,8 +186,10 @@ def fetch_spec(url: str, timeout: float = 10.0, retries: int = 0, backoff: float
     try:
         info = _call(_base_url(url) + "/spec", None, timeout, retries, backoff)
     except TransportError as e:
-        raise RewardError(f"remote reward: {e}. Start a server with `visalign serve-reward --reward SPEC "
-                          "--port PORT` and pass its URL") from None
+        raise RewardError(
+            f"remote reward: {e}. Start a server with `visalign serve-reward --reward SPEC "
+            "--port PORT` and pass its URL"
+        ) from None
     if not isinstance(info, dict) or info.get("protocol") != PROTOCOL:
         raise RewardError(f"{url} does not speak {PROTOCOL!r}; is it a visalign reward server of the same version?")
     return spec_from_json(info["spec"])
@@ -199,8 +212,17 @@ class RemoteReward(Reward):
         RewardError: the server cannot be reached to read its spec (the message says how to start one).
     """
 
-    def __init__(self, url: str, *, timeout: float = 60.0, encoding: str = "png", on_error: str = "raise",
-                 retries: int = 0, backoff: float = 0.5, batch_size: int = 16):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        encoding: str = "png",
+        on_error: str = "raise",
+        retries: int = 0,
+        backoff: float = 0.5,
+        batch_size: int = 16,
+    ):
         if encoding not in ENCODINGS:
             raise RewardSpecError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         if on_error not in ON_ERROR:
@@ -231,13 +253,13 @@ class RemoteReward(Reward):
             out = output_from_json(self._request("/score", payload))
         except TransportError as e:
             if e.status == 400:
-                raise RewardInputError(f"{self.spec.name}: the server rejected the input: "
-                                       f"{_error_message(e.body, b'')}") from None
+                raise RewardInputError(
+                    f"{self.spec.name}: the server rejected the input: {_error_message(e.body, b'')}"
+                ) from None
             if self.on_error == "raise":
                 raise RewardError(f"{self.spec.name}: {e}") from None
             nan = torch.full((n,), math.nan)
-            return RewardOutput(nan, {k: nan.clone() for k in self._component_names},
-                                torch.zeros(n, dtype=torch.bool))
+            return RewardOutput(nan, {k: nan.clone() for k in self._component_names}, torch.zeros(n, dtype=torch.bool))
         except (KeyError, TypeError, ValueError) as e:
             raise RewardError(f"{self.spec.name}: malformed /score response ({type(e).__name__}: {e})") from None
         if len(out) != n:
@@ -255,11 +277,18 @@ class RemoteReward(Reward):
         return f"url={self.url!r}, served={self.served_spec.name!r}, encoding={self.encoding!r}"
 
 
-def load_remote(url: str, timeout: float = 60.0, encoding: str = "png", on_error: str = "raise", retries: int = 0,
-                batch_size: int = 16) -> RemoteReward:
+def load_remote(
+    url: str,
+    timeout: float = 60.0,
+    encoding: str = "png",
+    on_error: str = "raise",
+    retries: int = 0,
+    batch_size: int = 16,
+) -> RemoteReward:
     """``remote:URL`` (or ``remote(URL, encoding=f32, timeout=10)``): a reward served by ``visalign serve-reward``."""
-    return RemoteReward(url, timeout=timeout, encoding=encoding, on_error=on_error, retries=retries,
-                        batch_size=batch_size).freeze()
+    return RemoteReward(
+        url, timeout=timeout, encoding=encoding, on_error=on_error, retries=retries, batch_size=batch_size
+    ).freeze()
 
 
 def random_remote(size: str = "tiny", reward: str = "clip", encoding: str = "f32", timeout: float = 30.0):

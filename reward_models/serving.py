@@ -105,8 +105,11 @@ def decode_media(obj: dict) -> torch.Tensor:
     encoding, shape, data = obj["encoding"], obj["shape"], obj["data"]
     if encoding not in ENCODINGS:
         raise RewardInputError(f"media encoding must be one of {ENCODINGS}, got {encoding!r}")
-    if not isinstance(shape, list) or len(shape) not in (4, 5) or not all(isinstance(s, int) and s >= 0
-                                                                          for s in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (4, 5)
+        or not all(isinstance(s, int) and s >= 0 for s in shape)
+    ):
         raise RewardInputError(f"media shape must be [B, 3, H, W] or [B, T, 3, H, W], got {shape}")
     try:
         if encoding == "png":
@@ -198,11 +201,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         app = self.server.app
         if self.path == "/health":
-            self._send(200, {"status": "ok", "protocol": PROTOCOL, "reward": app.reward.spec.name,
-                             "device": str(app.reward.device), "dtype": str(app.reward.dtype).removeprefix("torch.")})
+            self._send(
+                200,
+                {
+                    "status": "ok",
+                    "protocol": PROTOCOL,
+                    "reward": app.reward.spec.name,
+                    "device": str(app.reward.device),
+                    "dtype": str(app.reward.dtype).removeprefix("torch."),
+                },
+            )
         elif self.path == "/spec":
-            self._send(200, {"protocol": PROTOCOL, "spec": spec_to_json(app.reward.spec),
-                             "batch_size": app.reward.batch_size})
+            self._send(
+                200, {"protocol": PROTOCOL, "spec": spec_to_json(app.reward.spec), "batch_size": app.reward.batch_size}
+            )
         else:
             self._error(404, f"unknown path {self.path}; use GET /health, GET /spec or POST /score")
 
@@ -213,8 +225,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > app.max_body_bytes:
-            self._error(413, f"request body of {length} bytes exceeds the server's limit of {app.max_body_bytes}; "
-                             "send smaller batches")
+            self._error(
+                413,
+                f"request body of {length} bytes exceeds the server's limit of {app.max_body_bytes}; "
+                "send smaller batches",
+            )
             self.close_connection = True
             return
         try:
@@ -289,4 +304,3 @@ class RewardServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -65,8 +65,7 @@ RATING_QUESTION = (
     "{levels} (perfectly). Answer with a single digit."
 )
 PAIR_QUESTION = (
-    'Which image matches the description "{prompt}" better? Answer 1 for the first image or 2 for the second '
-    "image."
+    'Which image matches the description "{prompt}" better? Answer 1 for the first image or 2 for the second image.'
 )
 PAIR_LABELS = ("First image:", "Second image:")
 MODES = ("yes", "rating")
@@ -238,9 +237,7 @@ class JudgeReward(Reward):
         return RewardOutput(scores, {**components, **extra}, valid)
 
     # ---------------------------------------------------------------- pairwise
-    def compare(
-        self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str] | None = None
-    ) -> RewardOutput:
+    def compare(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str] | None = None) -> RewardOutput:
         """``P(first preferred over second)`` per pair, judged in both orders (see the module docstring).
 
         Args:
@@ -255,8 +252,9 @@ class JudgeReward(Reward):
             if media_modality(media, self.spec.name) != "image":
                 raise RewardInputError(f"{self.spec.name}.compare takes images [B, 3, H, W]; got videos")
         if first.shape[0] != second.shape[0]:
-            raise RewardInputError(f"compare needs as many first as second images, got {first.shape[0]} and "
-                                   f"{second.shape[0]}")
+            raise RewardInputError(
+                f"compare needs as many first as second images, got {first.shape[0]} and {second.shape[0]}"
+            )
         pair_spec = replace(self.spec, needs_prompt="{prompt}" in self.template.pair_question)
         prompts = check_prompts(prompts, first.shape[0], pair_spec)
         if first.shape[0] == 0:
@@ -334,8 +332,9 @@ class VLMJudge(JudgeReward):
         batch_size: samples (or pairs) per forward chunk.
     """
 
-    def __init__(self, model, processor, template: JudgeTemplate | None = None, min_mass: float = 0.0,
-                 batch_size: int = 8):
+    def __init__(
+        self, model, processor, template: JudgeTemplate | None = None, min_mass: float = 0.0, batch_size: int = 8
+    ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise RewardSpecError(f"vlm-judge supports {SUPPORTED_MODEL_TYPES} models, got model_type {model_type!r}")
@@ -358,8 +357,10 @@ class VLMJudge(JudgeReward):
     def _answer_id(self, answer: str) -> int:
         ids = self.processor.tokenizer.encode(answer, add_special_tokens=False)
         if len(ids) != 1:
-            raise RewardSpecError(f"vlm-judge: answer {answer!r} is {len(ids)} tokens for this tokenizer; choose "
-                                  "answers that are a single token (e.g. 'Yes', '1')")
+            raise RewardSpecError(
+                f"vlm-judge: answer {answer!r} is {len(ids)} tokens for this tokenizer; choose "
+                "answers that are a single token (e.g. 'Yes', '1')"
+            )
         return ids[0]
 
     # ---------------------------------------------------------------- inputs
@@ -389,14 +390,16 @@ class VLMJudge(JudgeReward):
     def model_inputs(self, slots: list[torch.Tensor], parts: list[list[Part]]) -> dict[str, torch.Tensor]:
         """Token ids (left-padded), attention mask, patches and grids of a batch of messages."""
         patches, grids = zip(*(self.pixel_inputs(s) for s in slots))
-        merge = self.processor.image_processor.merge_size ** 2
+        merge = self.processor.image_processor.merge_size**2
         texts, pixel_values, grid_rows = [], [], []
         for i, sample in enumerate(parts):
             pieces = self.chat_text(sample).split(self.image_token)
             images = [p for p in sample if isinstance(p, int)]
             if len(pieces) != len(images) + 1:
-                raise RewardInputError(f"{self.spec.name}: the message has {len(pieces) - 1} image tokens for "
-                                       f"{len(images)} images (does a prompt contain {self.image_token!r}?)")
+                raise RewardInputError(
+                    f"{self.spec.name}: the message has {len(pieces) - 1} image tokens for "
+                    f"{len(images)} images (does a prompt contain {self.image_token!r}?)"
+                )
             text = pieces[0]
             for slot, piece in zip(images, pieces[1:]):
                 # the processor's expansion: one token per merged patch window
@@ -429,8 +432,14 @@ class VLMJudge(JudgeReward):
 # ----------------------------------------------------------------------------------------------- builders
 def _template(mode, question, pair_question, system, yes, no, levels, normalize) -> JudgeTemplate:
     return JudgeTemplate(
-        mode=mode, question=question, pair_question=pair_question or PAIR_QUESTION, system=system, yes=yes, no=no,
-        levels=int(levels), normalize=bool(normalize),
+        mode=mode,
+        question=question,
+        pair_question=pair_question or PAIR_QUESTION,
+        system=system,
+        yes=yes,
+        no=no,
+        levels=int(levels),
+        normalize=bool(normalize),
     )
 
 
@@ -474,8 +483,10 @@ def load_vlm_judge(
     except Exception as e:
         raise CheckpointError(f"cannot read the config of vlm-judge model {source!r}: {e}") from e
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"vlm-judge supports Qwen2-VL / Qwen2.5-VL ({SUPPORTED_MODEL_TYPES}); {source} is "
-                              f"a {config.model_type!r} model")
+        raise CheckpointError(
+            f"vlm-judge supports Qwen2-VL / Qwen2.5-VL ({SUPPORTED_MODEL_TYPES}); {source} is "
+            f"a {config.model_type!r} model"
+        )
     dtype = "auto" if load_dtype == "auto" else resolve_dtype(load_dtype)
     try:
         vlm = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
@@ -499,7 +510,12 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
     "<|video_pad|>",
 )
 TINY_WORDS = ("Yes", "No", "yes", "no", "image", "First", "Second")
@@ -533,8 +549,13 @@ def tiny_qwen_processor(tokenizer=None, *, patch_size: int = 4, min_pixels: int 
     """A ``Qwen2VLProcessor`` built in code (tiny patches; the Qwen2-VL chat template)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    kwargs = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": min_pixels,
-              "max_pixels": max_pixels}
+    kwargs = {
+        "patch_size": patch_size,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+    }
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**kwargs),
         tokenizer=tokenizer or tiny_qwen_tokenizer(),
@@ -550,27 +571,64 @@ def random_qwen2_vl(tokenizer, size: str = "tiny", seed: int = 0, initializer_ra
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in
-           ("image_pad", "video_pad", "vision_start", "vision_end")}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+        for name in ("image_pad", "video_pad", "vision_start", "vision_end")
+    }
     if size == "tiny":
-        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "num_key_value_heads": 1, "vocab_size": len(tokenizer), "initializer_range": initializer_range,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
-        vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
-                  "initializer_range": initializer_range}
+        text = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "vocab_size": len(tokenizer),
+            "initializer_range": initializer_range,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        }
+        vision = {
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "initializer_range": initializer_range,
+        }
     elif size == "full":  # Qwen2-VL-2B-Instruct
-        text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-                "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
-        vision = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, "mlp_ratio": 4,
-                  "patch_size": 14}
+        text = {
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        }
+        vision = {
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 1536,
+            "num_heads": 16,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+        }
     else:
         raise ValueError(f"unknown size {size!r}; use 'tiny' or 'full'")
-    text.update(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=32768)
+    text.update(
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=32768,
+    )
     config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
         tie_word_embeddings=size == "full",
     )
     torch.manual_seed(seed)

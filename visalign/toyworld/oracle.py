@@ -191,6 +191,37 @@ def shape_credit(fill_ratio: float | None, shape: str, width: float = SHAPE_CRED
     return max(0.0, 1.0 - gap / width)
 
 
+def direction_sign(direction: str) -> float:
+    """+1 for the directions that increase a pixel coordinate (right, down), -1 for left and up."""
+    return 1.0 if direction in ("right", "down") else -1.0
+
+
+def dense_score(verdict: ImageVerdict | VideoVerdict, caption: Caption | VideoCaption) -> float:
+    """The oracle's graded verdict, with shape as :func:`shape_credit` of the fill ratio instead of 0/1.
+
+    Images: the mean of colour (0/1), shape credit and, when named, position (0/1); 0 without one object.
+    Videos: the mean of the fraction of frames with the caption's colour, the mean shape credit over the frames,
+    the mean of their product, and the displacement along the named direction over the 6 px threshold (clipped
+    to ``[0, 1]``).
+    """
+    if isinstance(verdict, ImageVerdict):
+        if not verdict.object:
+            return 0.0
+        parts = [float(verdict.color_ok), shape_credit(verdict.fill_ratio, caption.shape)]
+        if verdict.position_ok is not None:
+            parts.append(float(verdict.position_ok))
+        return sum(parts) / len(parts)
+    frames = len(verdict.colors)
+    color = [float(c == caption.color) for c in verdict.colors]
+    shape = [shape_credit(f, caption.shape) for f in verdict.fill_ratios]
+    both = sum(c * s for c, s in zip(color, shape)) / frames
+    progress = 0.0
+    if verdict.displacement is not None:
+        progress = direction_sign(caption.direction) * verdict.displacement / VIDEO_MIN_DISPLACEMENT
+        progress = min(max(progress, 0.0), 1.0)
+    return (sum(color) / frames + sum(shape) / frames + both + progress) / 4
+
+
 def horizontal_of(cx: float) -> str | None:
     return "left" if cx < POSITION_LOW else "right" if cx > POSITION_HIGH else None
 
@@ -350,8 +381,7 @@ def _video_verdict(cap: VideoCaption, stats: ObjectStats, i: int, frames: int) -
         horizontal = cap.direction in ("left", "right")
         coord = stats.cx if horizontal else stats.cy
         displacement = float(coord[last] - coord[first])
-        sign = 1.0 if cap.direction in ("right", "down") else -1.0
-        direction_ok = sign * displacement >= VIDEO_MIN_DISPLACEMENT
+        direction_ok = direction_sign(cap.direction) * displacement >= VIDEO_MIN_DISPLACEMENT
     return VideoVerdict(
         caption=cap.text,
         split=cap.split,
