@@ -177,7 +177,7 @@ def test_pretraining_smoke_toy_clip_loads_both_ways(smoke):
     assert report["all"]["n"] == 256 and 0 <= report["all"]["accuracy"] <= 1
 
 
-def test_pretrain_refuses_a_non_empty_folder(tmp_path):
+def test_pretrain_refuses_a_non_empty_folder_and_bad_settings(tmp_path):
     from visalign.errors import ConfigError
 
     (tmp_path / "x").write_text("")
@@ -187,6 +187,10 @@ def test_pretrain_refuses_a_non_empty_folder(tmp_path):
         PretrainConfig(model="toy-gan", out=str(tmp_path))
     with pytest.raises(ConfigError, match="save_every"):
         PretrainConfig(model="toy-sd", out=str(tmp_path), save_every=100)
+    with pytest.raises(ConfigError, match="video_patch must be 1, 2 or 4"):
+        PretrainConfig(model="toy-video", out=str(tmp_path), video_patch=3)
+    with pytest.raises(ConfigError, match="video_width must be a multiple of 16"):
+        PretrainConfig(model="toy-video", out=str(tmp_path), video_width=40)
 
 
 # ----------------------------------------------------------------------------------------------- shipped models
@@ -322,6 +326,15 @@ def video_pipe():
         for p in pipe.transformer.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return pipe
+
+
+def test_toy_video_architecture_options_reach_the_transformer():
+    """``--video_patch`` / ``--video_width`` set Wan's patch and width (heads of 16, FFN twice as wide)."""
+    config = build_toy_video(seed=0, patch=2, width=128).transformer.config
+    assert list(config.patch_size) == [1, 2, 2]
+    assert (config.num_attention_heads, config.attention_head_dim, config.ffn_dim) == (8, 16, 256)
+    default = build_toy_video(seed=0).transformer.config
+    assert list(default.patch_size) == [1, 4, 4] and default.num_attention_heads * default.attention_head_dim == 64
 
 
 def test_toy_video_training_shortcuts_equal_diffusers(video_pipe):

@@ -286,7 +286,7 @@ def train_video(cfg: PretrainConfig, out: Path) -> dict:
     vae_seconds = time.perf_counter() - started
     mean, std = video_latent_statistics(vae, seed, cfg.stats_images)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    pipe = build_toy_video(seed, vae=vae)
+    pipe = build_toy_video(seed, vae=vae, patch=cfg.video_patch, width=cfg.video_width)
     model = WanModel(pipe)
     vae_report = video_vae_report(model, seed, cfg.check_images) if cfg.check_images else None
     if vae_report is not None:

@@ -342,21 +342,23 @@ def toy_video_text_encoder(seed: int = 0):
     return UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer
 
 
-def toy_video_transformer(seed: int = 0):
-    """``WanTransformer3DModel`` on [4, 8, 16, 16] latents: patch 1x4x4 (128 tokens, 8x8 pixels each), 4 blocks, 64
-    wide."""
+def toy_video_transformer(seed: int = 0, patch: int = 4, width: int = 64):
+    """``WanTransformer3DModel`` on [4, 8, 16, 16] latents: 4 blocks of ``width`` (heads of 16), FFN twice as wide;
+    patch ``1 x patch x patch`` (4: 128 tokens of 8x8 pixels)."""
     from diffusers import WanTransformer3DModel
 
+    if patch not in (1, 2, 4) or width < 16 or width % 16:
+        raise ValueError(f"toy-video needs a patch of 1, 2 or 4 and a width that is a multiple of 16; got {patch}, {width}")
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4),
-        num_attention_heads=4,
+        patch_size=(1, patch, patch),
+        num_attention_heads=width // 16,
         attention_head_dim=16,
         in_channels=VIDEO_LATENT_CHANNELS,
         out_channels=VIDEO_LATENT_CHANNELS,
         text_dim=VIDEO_TEXT_DIM,
         freq_dim=64,
-        ffn_dim=128,
+        ffn_dim=2 * width,
         num_layers=4,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
@@ -373,8 +375,9 @@ def video_scheduler():
     )
 
 
-def build_toy_video(seed: int = 0, vae=None):
-    """A randomly initialised toy-video ``WanPipeline`` (``vae``: reuse a trained one)."""
+def build_toy_video(seed: int = 0, vae=None, patch: int = 4, width: int = 64):
+    """A randomly initialised toy-video ``WanPipeline`` (``vae``: reuse a trained one; ``patch``, ``width``: see
+    :func:`toy_video_transformer`)."""
     from diffusers import WanPipeline
 
     text_encoder, tokenizer = toy_video_text_encoder(seed + 2)
@@ -383,7 +386,7 @@ def build_toy_video(seed: int = 0, vae=None):
         text_encoder=text_encoder,
         vae=copy.deepcopy(vae) if vae is not None else toy_video_vae(seed + 1),
         scheduler=video_scheduler(),
-        transformer=toy_video_transformer(seed),
+        transformer=toy_video_transformer(seed, patch, width),
     )
 
 
