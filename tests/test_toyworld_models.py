@@ -191,6 +191,8 @@ def test_pretrain_refuses_a_non_empty_folder_and_bad_settings(tmp_path):
         PretrainConfig(model="toy-video", out=str(tmp_path), video_patch=3)
     with pytest.raises(ConfigError, match="video_width must be a multiple of 16"):
         PretrainConfig(model="toy-video", out=str(tmp_path), video_width=40)
+    with pytest.raises(ConfigError, match="toy-video only"):
+        PretrainConfig(model="toy-flow", out=str(tmp_path), video_width=128)
 
 
 # ----------------------------------------------------------------------------------------------- shipped models

@@ -50,6 +50,7 @@ from .recipes import (
     LATENT_SIZE,
     build_toy_flow,
     build_toy_sd,
+    check_video_architecture,
     toy_vae,
 )
 from .render import IMAGE_SIZE, render_images
@@ -160,10 +161,9 @@ class PretrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.save_every and self.model != "toy-video":
             raise ConfigError(f"--save_every saves stages of toy-video only; drop it for {self.model}")
-        if self.video_patch not in (1, 2, 4):
-            raise ConfigError(f"--video_patch must be 1, 2 or 4 (latent pixels per token side), got {self.video_patch}")
-        if self.video_width < 16 or self.video_width % 16:
-            raise ConfigError(f"--video_width must be a multiple of 16 (heads of 16), got {self.video_width}")
+        if (self.video_patch, self.video_width) != (4, 64) and self.model != "toy-video":
+            raise ConfigError(f"--video_patch / --video_width shape toy-video only; drop them for {self.model}")
+        check_video_architecture(self.video_patch, self.video_width)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -342,13 +342,22 @@ def toy_video_text_encoder(seed: int = 0):
     return UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer
 
 
+def check_video_architecture(patch: int, width: int) -> None:
+    """Raise :class:`~visalign.errors.ConfigError` unless ``patch`` is 1, 2 or 4 and ``width`` a multiple of 16."""
+    from ..errors import ConfigError
+
+    if patch not in (1, 2, 4):
+        raise ConfigError(f"--video_patch must be 1, 2 or 4 (latent pixels per token side), got {patch}")
+    if width < 16 or width % 16:
+        raise ConfigError(f"--video_width must be a multiple of 16 (heads of 16), got {width}")
+
+
 def toy_video_transformer(seed: int = 0, patch: int = 4, width: int = 64):
     """``WanTransformer3DModel`` on [4, 8, 16, 16] latents: 4 blocks of ``width`` (heads of 16), FFN twice as wide;
     patch ``1 x patch x patch`` (4: 128 tokens of 8x8 pixels)."""
     from diffusers import WanTransformer3DModel
 
-    if patch not in (1, 2, 4) or width < 16 or width % 16:
-        raise ValueError(f"toy-video needs a patch of 1, 2 or 4 and a width that is a multiple of 16; got {patch}, {width}")
+    check_video_architecture(patch, width)
     torch.manual_seed(seed)
     return WanTransformer3DModel(
         patch_size=(1, patch, patch),
