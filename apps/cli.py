@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("apps.pairs", "sample K per prompt, score with a reward, write preference pairs and rankings"),
     "evaluate": ("apps.evaluate", "compare a base model and its adapters: rewards, oracle, win rates, drift, grid"),
     "train": ("apps.train", "train: diffusion-dpo, mapo, llm-dpo (visalign train --help lists them)"),
-    "export": ("apps.export", "a training checkpoint (RUN/checkpoints/step-N) as a Diffusers LoRA"),
+    "export": ("apps.export", "a training checkpoint as a Diffusers LoRA, or a LoRA fused into its base (--fuse)"),
     "score": ("apps.score", "score images or videos with a reward: JSONL, CSV summary, histogram"),
     "compare": ("apps.compare", "Gradio app: base vs adapters side by side, reward scores, votes as preference data"),
     "toy": ("apps.toy", "the shapes world: render | pretrain | evaluate the shipped toy models"),

@@ -6,11 +6,18 @@ checkpoint's ``config.yaml``, a LoRA of the run's rank, alpha and targets with t
 in Diffusers format with a model card (and the run's evaluation of that step when it has one). A checkpoint
 that keeps an EMA of the weights (GRPO ``--ema_decay``) exports the EMA, as the run's final export does; a full
 fine-tune exports the whole pipeline. Then ``visalign evaluate --lora DIR`` compares it with the base.
+
+``--fuse`` folds the LoRA into the base weights and saves the whole pipeline instead: a new base model that plain
+Diffusers loads without peft, and the next round of iterative DPO (sample pairs from it, train a new LoRA against
+it as the reference). ``--lora DIR --fuse`` does the same for an exported LoRA folder (such as ``RUN/final``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,10 +30,21 @@ NAMESPACED = "/"  # a trainer's own state (counters, EMA, trackers) is stored un
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = field(help="a checkpoint folder: RUN/checkpoints/step-N (holds trainable.safetensors)")
-    out: str = field(help="folder for the Diffusers-format LoRA (or pipeline, for a full fine-tune)")
+    out: str = field(help="folder for the Diffusers-format LoRA (or pipeline: a full fine-tune, or --fuse)")
+    checkpoint: str | None = field(None, help="a checkpoint folder: RUN/checkpoints/step-N (trainable.safetensors)")
+    lora: str | None = field(None, help="an exported LoRA folder to fuse (with --fuse; instead of --checkpoint)")
+    model: str | None = field(None, help="base model of --lora (default: the base its visalign_lora.json names)")
+    fuse: bool = field(False, help="fold the LoRA into the base weights and save the whole pipeline (a new base)")
     device: str = field("cpu", help="where to load the base model while exporting")
     dtype: Literal["fp32", "fp16", "bf16"] = field("fp32", help="dtype of the base model while exporting")
+
+    def __post_init__(self):
+        if (self.checkpoint is None) == (self.lora is None):
+            raise ConfigError("give one of --checkpoint RUN/checkpoints/step-N or --lora DIR (with --fuse)")
+        if self.lora is not None and not self.fuse:
+            raise ConfigError(f"--lora {self.lora} is already a LoRA; add --fuse to fold it into its base model")
+        if self.model is not None and self.lora is None:
+            raise ConfigError("--model names the base of --lora; a checkpoint's config.yaml names its own")
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
@@ -46,12 +64,26 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return config, json.loads((path / "trainer_state.json").read_text()), load_file(path / "trainable.safetensors")
 
 
+def save_pipeline(model, out: Path) -> None:
+    """``model``'s whole pipeline to ``out`` in Diffusers format, atomically (a temporary folder beside it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, device: str = "cpu", dtype: str = "fp32", model=None
+    checkpoint: str | Path, out: str | Path, device: str = "cpu", dtype: str = "fp32", model=None, fuse: bool = False
 ) -> Path:
     """Write checkpoint ``checkpoint`` as an adapter (or pipeline) to ``out``; returns ``out``.
 
     ``model``: the base model already loaded, without adapters (default: load the checkpoint's ``model``).
+    ``fuse``: fold the LoRA into the base and save the whole pipeline.
     """
     import torch
 
@@ -64,7 +96,7 @@ def export_checkpoint(
     step, ema = int(state["step"]), []
     if config.get("full_finetune"):
         model.denoiser.load_state_dict(tensors)
-        model.pipe.save_pretrained(out)
+        save_pipeline(model, out)
         usage = f'pipe = DiffusionPipeline.from_pretrained("{out}")'
     else:
         params = model.add_lora(rank=int(config.get("lora_rank", 4)), alpha=config.get("lora_alpha"),
@@ -78,13 +110,20 @@ def export_checkpoint(
             with torch.no_grad():
                 for p, key in zip(params, ema):
                     p.copy_(tensors[key])
-        model.save_lora(out)
-        usage = f'pipe = DiffusionPipeline.from_pretrained("{config["model"]}")\npipe.load_lora_weights("{out}")'
+        if fuse:
+            model.fuse_lora()
+            save_pipeline(model, out)
+            usage = f'pipe = DiffusionPipeline.from_pretrained("{out}")  # base + LoRA, fused'
+        else:
+            model.save_lora(out)
+            usage = f'pipe = DiffusionPipeline.from_pretrained("{config["model"]}")\npipe.load_lora_weights("{out}")'
+    title = f"step {step} of {checkpoint.parent.parent}" + (" (EMA weights)" if ema else "")
+    title += ", fused" if fuse else ""
     report = checkpoint.parent.parent / "eval" / checkpoint.name / "report.json"
     results = json.loads(report.read_text()).get("results", {}) if report.exists() else {}
     write_model_card(
         out,
-        title=f"step {step} of {checkpoint.parent.parent}" + (" (EMA weights)" if ema else ""),
+        title=title,
         base_model=config["model"],
         data=config.get("data") or config.get("prompts"),
         config=config,
@@ -94,10 +133,37 @@ def export_checkpoint(
     return out
 
 
+def fuse_lora_folder(lora: str | Path, out: str | Path, model: str | None = None, device: str = "cpu",
+                     dtype: str = "fp32") -> Path:  # fmt: skip
+    """Fold the exported LoRA ``lora`` into its base (``model``, default: the one ``visalign_lora.json`` names) and
+    save the whole pipeline to ``out``; returns ``out``."""
+    from trainers.base import write_model_card
+    from visalign.models import load_model
+
+    lora, out = Path(lora), Path(out)
+    info = lora / "visalign_lora.json"
+    if model is None:
+        model = json.loads(info.read_text()).get("base_model") if info.exists() else None
+        if not model:
+            raise ConfigError(f"{lora} does not name its base model (no visalign_lora.json): pass --model")
+    base = load_model(model, device=device, dtype=dtype)
+    base.load_lora(lora)
+    base.fuse_lora()
+    save_pipeline(base, out)
+    usage = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{out}")'
+    write_model_card(out, title=f"{model} with {lora} fused", base_model=model, data=None, config={"lora": str(lora)},
+                     usage=usage, tags=("visalign", "lora-fused"))  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     from visalign.config import parse_config
 
     cfg = parse_config(ExportConfig, argv, prog="visalign export", description=__doc__.split("\n")[0])
-    out = export_checkpoint(cfg.checkpoint, cfg.out, device=cfg.device, dtype=cfg.dtype)
-    print(f"visalign export: {cfg.checkpoint} -> {out} (compare it: visalign evaluate --model M --lora {out} ...)")
+    if cfg.lora is not None:
+        out = fuse_lora_folder(cfg.lora, cfg.out, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
+    else:
+        out = export_checkpoint(cfg.checkpoint, cfg.out, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse)
+    what = f"--model {out}" if cfg.fuse else f"--model M --lora {out}"
+    print(f"visalign export: {cfg.checkpoint or cfg.lora} -> {out} (compare it: visalign evaluate {what} ...)")
     return out

@@ -86,3 +86,45 @@ def test_grpo_checkpoint_exports_its_ema_like_the_final_export(tmp_path, prompt_
     exported = load_file(out / LORA)
     b_live = next(v for k, v in live.items() if "lora_B" in k and "/" not in k)
     assert not any(torch.equal(b_live, v) for k, v in exported.items() if "lora_B" in k)  # the EMA, not the live B
+
+
+def unet_output(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    cond = model.encode_prompt(["a red circle"])
+    with torch.no_grad():
+        return model.predict(x, torch.tensor([500.0]), cond)
+
+
+def test_fuse_folds_the_lora_into_a_pipeline_that_plain_diffusers_loads(dpo_run, tiny_pipeline_dir, tmp_path):
+    """``--fuse``: base + LoRA in the weights, no peft layers; the same from a checkpoint and from ``RUN/final``."""
+    from diffusers import DiffusionPipeline
+
+    base = str(tiny_pipeline_dir("sd"))
+    fused = export_main(["--checkpoint", str(dpo_run / "checkpoints" / "step-000003"), "--fuse",
+                         "--out", str(tmp_path / "fused")])  # fmt: skip
+    pipe = DiffusionPipeline.from_pretrained(str(fused))
+    assert not [n for n, _ in pipe.unet.named_parameters() if "lora" in n]
+    with_lora = load_model(base)
+    with_lora.load_lora(dpo_run / "final")
+    expected, plain = unet_output(with_lora), None
+    with_lora.set_adapters(None)
+    plain = unet_output(with_lora)
+    got = unet_output(load_model(str(fused)))
+    assert (got - expected).abs().max() < 1e-5 < (got - plain).abs().max()
+    assert "fused" in (fused / "README.md").read_text()
+    again = export_main(["--lora", str(dpo_run / "final"), "--fuse", "--out", str(tmp_path / "fused2")])
+    assert same_tensors(again / "unet" / "diffusion_pytorch_model.safetensors",
+                        fused / "unet" / "diffusion_pytorch_model.safetensors")  # fmt: skip
+
+
+def test_fuse_refuses_what_it_cannot_fuse(dpo_run, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(ConfigError, match="give one of --checkpoint"):
+        export_main(["--out", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="add --fuse"):
+        export_main(["--lora", str(dpo_run / "final"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="names the base of --lora"):
+        export_main(["--checkpoint", str(dpo_run / "final"), "--model", "m", "--out", str(tmp_path / "x")])
+    with pytest.raises(ModelError, match="no LoRA adapter to fuse"):
+        load_model(str(tiny_pipeline_dir("sd"))).fuse_lora()
+    assert not (tmp_path / "x").exists()

@@ -54,8 +54,11 @@ class GRPOConfig(TrainConfig):
     attention: str = field("sdpa", help="attention backend: sdpa or xformers")
     eval_prompts: str | None = field(None, help="held-out prompts sampled at evaluation (.txt/.jsonl)")
     eval_samples: int = field(16, help="samples per evaluation (seeds eval_seed..eval_seed+n-1)")
-    eval_seed: int | None = field(None, help="seed of the first evaluation sample (default: --seed); select "
-                                  "checkpoints on one seed set, then report on another with visalign evaluate --seed")
+    eval_seed: int | None = field(
+        None,
+        help="seed of the first evaluation sample (default: --seed); select "
+        "checkpoints on one seed set, then report on another with visalign evaluate --seed",
+    )
     eval_steps: int = field(20, help="sampling steps at evaluation (ODE)")
     eval_guidance: float | None = field(None, help="guidance at evaluation (default: the rollout guidance)")
     oracle: bool = field(False, help="score evaluation samples with the shapes-world oracle (the gold metric)")

@@ -116,6 +116,14 @@ class LoraMixin:
         finally:
             self.denoiser.enable_adapters()
 
+    def fuse_lora(self) -> None:
+        """Fold the active adapter into the denoiser's weights and remove every adapter: the model becomes base +
+        LoRA with no peft layers left, to save as a new base (the next round of iterative DPO, or serving)."""
+        if not self.adapter_names:
+            raise ModelError(f"this {self.family} model has no LoRA adapter to fuse")
+        self.denoiser.fuse_lora()
+        self.denoiser.unload_lora()
+
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The adapter's weights under peft's keys (no adapter name in them): what checkpoints store."""
         from peft.utils import get_peft_model_state_dict
