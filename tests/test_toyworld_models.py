@@ -192,7 +192,7 @@ def test_pretrain_refuses_a_non_empty_folder_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="video_width must be a multiple of 16"):
         PretrainConfig(model="toy-video", out=str(tmp_path), video_width=40)
     with pytest.raises(ConfigError, match="toy-video only"):
-        PretrainConfig(model="toy-flow", out=str(tmp_path), video_width=128)
+        PretrainConfig(model="toy-flow", out=str(tmp_path), video_width=64)
 
 
 # ----------------------------------------------------------------------------------------------- shipped models
@@ -332,11 +332,14 @@ def video_pipe():
 
 def test_toy_video_architecture_options_reach_the_transformer():
     """``--video_patch`` / ``--video_width`` set Wan's patch and width (heads of 16, FFN twice as wide)."""
-    config = build_toy_video(seed=0, patch=2, width=128).transformer.config
+    config = build_toy_video(seed=0, patch=2, width=64).transformer.config
     assert list(config.patch_size) == [1, 2, 2]
-    assert (config.num_attention_heads, config.attention_head_dim, config.ffn_dim) == (8, 16, 256)
+    assert (config.num_attention_heads, config.attention_head_dim, config.ffn_dim) == (4, 16, 128)
     default = build_toy_video(seed=0).transformer.config
-    assert list(default.patch_size) == [1, 4, 4] and default.num_attention_heads * default.attention_head_dim == 64
+    assert list(default.patch_size) == [1, 4, 4] and default.num_attention_heads * default.attention_head_dim == 128
+    shipped = json.loads((ASSETS / "toy-video" / "transformer" / "config.json").read_text())
+    same = ("patch_size", "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")
+    assert {k: shipped[k] for k in same} == {k: list(default[k]) if k == "patch_size" else default[k] for k in same}
 
 
 def test_toy_video_training_shortcuts_equal_diffusers(video_pipe):

@@ -48,6 +48,8 @@ from .captions import all_captions, caption_texts
 from .oracle import judge_images, summarize
 from .recipes import (
     LATENT_SIZE,
+    VIDEO_PATCH,
+    VIDEO_WIDTH,
     build_toy_flow,
     build_toy_sd,
     check_video_architecture,
@@ -137,8 +139,8 @@ class PretrainConfig:
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (for CFG)")
     ema_decay: float = field(0.999, help="EMA decay of the saved weights (0 disables EMA)")
     sample_every: int = field(1000, help="save a sample grid every N steps (0: only at the end)")
-    video_patch: int = field(4, help="toy-video: transformer patch in latent pixels (4: tokens of 8x8 pixels; 1, 2 or 4)")
-    video_width: int = field(64, help="toy-video: transformer width (heads of 16, FFN twice as wide)")
+    video_patch: int = field(VIDEO_PATCH, help="toy-video: transformer patch in latent pixels (1, 2 or 4: 8x8 px)")
+    video_width: int = field(VIDEO_WIDTH, help="toy-video: transformer width (heads of 16, FFN twice as wide)")
     save_every: int = field(0, help="toy-video: also save the EMA pipeline every N steps in stages/ (0: never)")
     sample_steps: int | None = field(None, help="sampling steps of the grids and the recorded default")
     guidance: float | None = field(None, help="CFG scale of the grids and the recorded default")
@@ -161,7 +163,7 @@ class PretrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.save_every and self.model != "toy-video":
             raise ConfigError(f"--save_every saves stages of toy-video only; drop it for {self.model}")
-        if (self.video_patch, self.video_width) != (4, 64) and self.model != "toy-video":
+        if (self.video_patch, self.video_width) != (VIDEO_PATCH, VIDEO_WIDTH) and self.model != "toy-video":
             raise ConfigError(f"--video_patch / --video_width shape toy-video only; drop them for {self.model}")
         check_video_architecture(self.video_patch, self.video_width)
 

@@ -342,6 +342,10 @@ def toy_video_text_encoder(seed: int = 0):
     return UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer
 
 
+VIDEO_PATCH = 4  # the shipped toy-video: tokens of 1 x 4 x 4 latent pixels (8x8 pixels)
+VIDEO_WIDTH = 128  # 8 heads of 16; the 64-wide first toy-video rounded every square's corners
+
+
 def check_video_architecture(patch: int, width: int) -> None:
     """Raise :class:`~visalign.errors.ConfigError` unless ``patch`` is 1, 2 or 4 and ``width`` a multiple of 16."""
     from ..errors import ConfigError
@@ -352,7 +356,7 @@ def check_video_architecture(patch: int, width: int) -> None:
         raise ConfigError(f"--video_width must be a multiple of 16 (heads of 16), got {width}")
 
 
-def toy_video_transformer(seed: int = 0, patch: int = 4, width: int = 64):
+def toy_video_transformer(seed: int = 0, patch: int = VIDEO_PATCH, width: int = VIDEO_WIDTH):
     """``WanTransformer3DModel`` on [4, 8, 16, 16] latents: 4 blocks of ``width`` (heads of 16), FFN twice as wide;
     patch ``1 x patch x patch`` (4: 128 tokens of 8x8 pixels)."""
     from diffusers import WanTransformer3DModel
@@ -384,7 +388,7 @@ def video_scheduler():
     )
 
 
-def build_toy_video(seed: int = 0, vae=None, patch: int = 4, width: int = 64):
+def build_toy_video(seed: int = 0, vae=None, patch: int = VIDEO_PATCH, width: int = VIDEO_WIDTH):
     """A randomly initialised toy-video ``WanPipeline`` (``vae``: reuse a trained one; ``patch``, ``width``: see
     :func:`toy_video_transformer`)."""
     from diffusers import WanPipeline
