@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .captions import caption_texts, parse_caption
 from .oracle import position_holds
-from .pretrain import GRID_CAPTIONS, LossLog, PretrainConfig, _save_grid, _trainable, held_in_batch, lr_at
+from .pretrain import GRID_CAPTIONS, LossLog, _save_grid, _trainable, held_in_batch, lr_at
+from .pretrain_config import PretrainConfig
 from .recipes import build_toy_clip, save_toy_clip
 from .render import render_images
 

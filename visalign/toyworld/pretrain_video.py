@@ -41,7 +41,6 @@ from .oracle import judge_videos, summarize
 from .pretrain import (
     EMA,
     LossLog,
-    PretrainConfig,
     _eval_mode,
     _save_grid,
     _train_mode,
@@ -50,6 +49,7 @@ from .pretrain import (
     lr_at,
     optimizer_step,
 )
+from .pretrain_config import PretrainConfig
 from .recipes import VIDEO_LATENT_SIZE, build_toy_video, toy_video_vae
 from .render import VIDEO_FRAMES, VIDEO_SIZE, render_videos
 
