@@ -136,6 +136,22 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_pipeline_dir, tmp_path, name):
     torch.testing.assert_close(fresh.predict(x_t, t, cond), adapted, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_lora_predicts_like_the_adapter_with_no_peft_layers_left(tiny_pipeline_dir, name):
+    """``fuse_lora`` (``visalign export --fuse``): base + LoRA folded into the weights, for every family."""
+    model = load_model(tiny_pipeline_dir(name))
+    model.add_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        for p in model.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, noise, t, cond = training_inputs(model, name)
+    x_t = model.add_noise(x0, noise, t)
+    adapted = model.predict(x_t, t, cond)
+    model.fuse_lora()
+    assert model.adapter_names == [] and not [n for n, _ in model.denoiser.named_parameters() if "lora_" in n]
+    torch.testing.assert_close(model.predict(x_t, t, cond), adapted, rtol=1e-4, atol=1e-5)
+
+
 def test_lora_targets_as_a_comma_separated_string(tiny_pipeline_dir):
     model = load_model(tiny_pipeline_dir("sd"))
     model.add_lora(rank=2, target_modules=" to_q, to_v ", adapter_name="from_string")
