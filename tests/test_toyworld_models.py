@@ -103,10 +103,9 @@ def smoke(tmp_path_factory):
     )
     outs = {}
     outs["toy-sd"] = pretrain(PretrainConfig(model="toy-sd", out=str(root / "toy-sd"), **small))
-    # toy-flow reuses toy-sd's VAE, as the shipped toy-flow does
-    outs["toy-flow"] = pretrain(
-        PretrainConfig(model="toy-flow", out=str(root / "toy-flow"), vae=str(outs["toy-sd"]), **small)
-    )
+    # toy-flow reuses toy-sd's VAE, as the shipped toy-flow does; narrower than shipped, with a stage saved at step 1
+    outs["toy-flow"] = pretrain(PretrainConfig(model="toy-flow", out=str(root / "toy-flow"), vae=str(outs["toy-sd"]),
+                                               flow_width=32, save_every=1, **small))  # fmt: skip
     outs["toy-clip"] = pretrain(PretrainConfig(model="toy-clip", out=str(root / "toy-clip"), **small))
     # the shipped toy-sd's recipe: toy-flow's text encoder frozen, v-prediction with zero terminal SNR
     outs["toy-sd-v"] = pretrain(PretrainConfig(model="toy-sd", out=str(root / "toy-sd-v"), vae=str(outs["toy-sd"]),
@@ -136,6 +135,23 @@ def test_pretraining_smoke_writes_a_loadable_pipeline(smoke, name):
     pipe = DiffusionPipeline.from_pretrained(out, **extra)
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64)
+
+
+def test_toy_flow_width_and_stages(smoke):
+    """``--flow_width`` sets the SD3 transformer's width (heads of 16); ``--save_every`` saves loadable stages."""
+    out = smoke["toy-flow"]
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    keys = ("num_attention_heads", "attention_head_dim", "caption_projection_dim")
+    assert [config[k] for k in keys] == [2, 16, 32]
+    info = json.loads((out / "toyworld.json").read_text())
+    assert "--flow_width 32 --save_every 1" in info["command"] and list(info["stage_grid_oracle"]) == ["1"]
+    stage = out / "stages" / "step_000001"
+    assert json.loads((stage / "toyworld.json").read_text())["sampling"]["height"] == 64
+    assert load_model(stage).family == "sd3"
+    shipped = json.loads((ASSETS / "toy-flow" / "transformer" / "config.json").read_text())
+    default = build_toy_flow(seed=0).transformer.config
+    assert shipped["num_attention_heads"] == default.num_attention_heads == 4  # the default rebuilds the shipped one
+    assert shipped["caption_projection_dim"] == default.caption_projection_dim
 
 
 def test_frozen_text_encoder_and_zero_terminal_snr(smoke):
@@ -186,7 +202,11 @@ def test_pretrain_refuses_a_non_empty_folder_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="unknown model"):
         PretrainConfig(model="toy-gan", out=str(tmp_path))
     with pytest.raises(ConfigError, match="save_every"):
-        PretrainConfig(model="toy-sd", out=str(tmp_path), save_every=100)
+        PretrainConfig(model="toy-clip", out=str(tmp_path), save_every=100)
+    with pytest.raises(ConfigError, match="flow_width shapes toy-flow only"):
+        PretrainConfig(model="toy-sd", out=str(tmp_path), flow_width=128)
+    with pytest.raises(ConfigError, match="flow_width must be a multiple of 16"):
+        PretrainConfig(model="toy-flow", out=str(tmp_path), flow_width=50)
     with pytest.raises(ConfigError, match="video_patch must be 1, 2 or 4"):
         PretrainConfig(model="toy-video", out=str(tmp_path), video_patch=3)
     with pytest.raises(ConfigError, match="video_width must be a multiple of 16"):

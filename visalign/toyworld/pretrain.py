@@ -46,7 +46,10 @@ from .captions import all_captions, caption_texts
 from .oracle import judge_images, summarize
 from .pretrain_config import PretrainConfig
 from .recipes import (
+    FLOW_WIDTH,
     LATENT_SIZE,
+    VIDEO_PATCH,
+    VIDEO_WIDTH,
     build_toy_flow,
     build_toy_sd,
     toy_vae,
@@ -408,7 +411,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
     if is_flow:
         # SD3-style VAE config: latents = (z - shift) * scale
         vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-        pipe = build_toy_flow(seed, vae=vae)
+        pipe = build_toy_flow(seed, vae=vae, width=cfg.flow_width)
         model = SD3Model(pipe)
         trainable = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     else:
@@ -430,6 +433,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
     gen = torch.Generator().manual_seed(seed + 5)
     log = LossLog(out / "losses.csv", cfg.model)
     (out / "samples").mkdir(parents=True, exist_ok=True)
+    stages = {}
     bar = tqdm(range(cfg.steps), desc=cfg.model, disable=not cfg.progress)
     for step in bar:
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
@@ -450,16 +454,20 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
             pred = model.predict(model.add_noise(x0, noise, t), t, cond)
         loss = (pred.float() - model.target(x0, noise, t).float()).pow(2).mean()
         optimizer_step(loss, opt, params, ema, step, lr, cfg, log, bar)
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+        done = step + 1
+        grid_now = cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps
+        save_now = cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps
+        if grid_now or save_now:
             with ema.applied() if ema is not None else contextlib.nullcontext():
                 _eval_mode(trainable)
                 pixels, summary = sample_grid(model, list(GRID_CAPTIONS), cfg.sample_steps, cfg.guidance, seed)
+                if save_now:
+                    save_stage(pipe, out / "stages" / f"step_{done:06d}", cfg, done, summary, image_sampling(cfg))
                 _train_mode(trainable)
-            _save_grid(pixels, out / "samples" / f"step_{step + 1:06d}.png")
-            tqdm.write(
-                f"step {step + 1}: grid strict {summary['all']['strict_acc']:.2f}, "
-                f"object {summary['all']['object_rate']:.2f}"
-            )
+            stages[done] = summary
+            _save_grid(pixels, out / "samples" / f"step_{done:06d}.png")
+            grid = summary["all"]
+            tqdm.write(f"step {done}: grid strict {grid['strict_acc']:.2f}, object {grid['object_rate']:.2f}")
     log.close()
     if ema is not None:
         ema.copy_to_params()
@@ -475,8 +483,28 @@ def train_diffusion(cfg: PretrainConfig, out: Path) -> dict:
         "vae_reconstruction_oracle": vae_report,
         "latent_mean": mean,
         "latent_std": std,
+        "stage_grid_oracle": stages,
         "final_grid_oracle": summary,
     }
+
+
+def image_sampling(cfg: PretrainConfig) -> dict:
+    """The sampling defaults recorded for an image model (``toyworld.json``'s ``"sampling"``)."""
+    return {"steps": cfg.sample_steps, "guidance": cfg.guidance, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+
+
+def save_stage(pipe, folder: Path, cfg: PretrainConfig, step: int, summary: dict, sampling: dict) -> None:
+    """Save the pipeline (EMA weights applied) as a loadable stage with a ``toyworld.json`` of its own."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    info = {
+        "model": cfg.model,
+        "stage_step": step,
+        "of_steps": cfg.steps,
+        "sampling": sampling,
+        "recipe": asdict(cfg),
+        "grid_oracle": summary,
+    }
+    (folder / "toyworld.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _eval_mode(modules):
@@ -521,13 +549,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
         + (f" --text_encoder {cfg.text_encoder}" if cfg.text_encoder else "")
         + (f" --prediction {cfg.prediction}" if cfg.prediction != "epsilon" else "")
         + (" --zero_snr" if cfg.zero_snr else "")
+        + (f" --video_patch {cfg.video_patch}" if cfg.video_patch != VIDEO_PATCH else "")
+        + (f" --video_width {cfg.video_width}" if cfg.video_width != VIDEO_WIDTH else "")
+        + (f" --flow_width {cfg.flow_width}" if cfg.flow_width != FLOW_WIDTH else "")
         + (f" --save_every {cfg.save_every}" if cfg.save_every else "")
         + (f" --threads {cfg.threads}" if cfg.threads else ""),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
-        "sampling": {"steps": cfg.sample_steps, "guidance": cfg.guidance, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        if cfg.model != "toy-clip"
-        else None,
+        "sampling": image_sampling(cfg) if cfg.model != "toy-clip" else None,
         "latent_size": LATENT_SIZE if cfg.model != "toy-clip" else None,
         **details,
     }

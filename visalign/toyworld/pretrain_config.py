@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..config import field
 from ..errors import ConfigError
-from .recipes import VIDEO_PATCH, VIDEO_WIDTH, check_video_architecture
+from .recipes import FLOW_WIDTH, VIDEO_PATCH, VIDEO_WIDTH, check_video_architecture, check_width
 
 MODELS = ("toy-sd", "toy-flow", "toy-video", "toy-clip")
 
@@ -65,7 +65,8 @@ class PretrainConfig:
     sample_every: int = field(1000, help="save a sample grid every N steps (0: only at the end)")
     video_patch: int = field(VIDEO_PATCH, help="toy-video: transformer patch in latent pixels (1, 2 or 4: 8x8 px)")
     video_width: int = field(VIDEO_WIDTH, help="toy-video: transformer width (heads of 16, FFN twice as wide)")
-    save_every: int = field(0, help="toy-video: also save the EMA pipeline every N steps in stages/ (0: never)")
+    flow_width: int = field(FLOW_WIDTH, help="toy-flow: transformer width (heads of 16)")
+    save_every: int = field(0, help="also save the EMA pipeline every N steps in stages/ (0: never; not toy-clip)")
     sample_steps: int | None = field(None, help="sampling steps of the grids and the recorded default")
     guidance: float | None = field(None, help="CFG scale of the grids and the recorded default")
     log_every: int = field(25, help="write the loss to losses.csv every N steps")
@@ -85,8 +86,11 @@ class PretrainConfig:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.save_every and self.model != "toy-video":
-            raise ConfigError(f"--save_every saves stages of toy-video only; drop it for {self.model}")
+        if self.save_every and self.model == "toy-clip":
+            raise ConfigError("--save_every saves stages of the diffusion models; drop it for toy-clip")
         if (self.video_patch, self.video_width) != (VIDEO_PATCH, VIDEO_WIDTH) and self.model != "toy-video":
             raise ConfigError(f"--video_patch / --video_width shape toy-video only; drop them for {self.model}")
         check_video_architecture(self.video_patch, self.video_width)
+        if self.flow_width != FLOW_WIDTH and self.model != "toy-flow":
+            raise ConfigError(f"--flow_width shapes toy-flow only; drop it for {self.model}")
+        check_width(self.flow_width, "--flow_width")

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,7 @@ from .pretrain import (
     build_latent_cache,
     lr_at,
     optimizer_step,
+    save_stage,
 )
 from .pretrain_config import PretrainConfig
 from .recipes import VIDEO_LATENT_SIZE, build_toy_video, toy_video_vae
@@ -327,7 +327,7 @@ def train_video(cfg: PretrainConfig, out: Path) -> dict:
                 _eval_mode([transformer])
                 videos, summary = sample_video_grid(model, list(GRID_CAPTIONS), cfg.sample_steps, cfg.guidance, seed)
                 if save_now:
-                    _save_stage(pipe, out / "stages" / f"step_{done:06d}", cfg, done, summary)
+                    save_stage(pipe, out / "stages" / f"step_{done:06d}", cfg, done, summary, sampling_defaults(cfg))
                 _train_mode([transformer])
             stages[done] = summary
             save_video_grid(videos[:16], out / "samples" / f"step_{done:06d}.png")
@@ -352,20 +352,6 @@ def train_video(cfg: PretrainConfig, out: Path) -> dict:
         "stage_grid_oracle": stages,
         "final_grid_oracle": summary,
     }
-
-
-def _save_stage(pipe, folder: Path, cfg: PretrainConfig, step: int, summary: dict) -> None:
-    """Save the pipeline (EMA weights applied) as a loadable stage with a ``toyworld.json`` of its own."""
-    pipe.save_pretrained(folder, safe_serialization=True)
-    info = {
-        "model": cfg.model,
-        "stage_step": step,
-        "of_steps": cfg.steps,
-        "sampling": sampling_defaults(cfg),
-        "recipe": asdict(cfg),
-        "grid_oracle": summary,
-    }
-    (folder / "toyworld.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 __all__ = [

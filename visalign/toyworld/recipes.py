@@ -171,10 +171,23 @@ def toy_unet(seed: int = 0, cross_attention_dim: int = 64):
     )
 
 
-def toy_transformer(seed: int = 0):
-    """``SD3Transformer2DModel`` on 4x16x16 latents: 64 image tokens (patch 2), 4 joint blocks, 64 wide."""
+FLOW_WIDTH = 64  # the shipped toy-flow: 4 heads of 16
+
+
+def check_width(width: int, flag: str) -> None:
+    """Raise :class:`~visalign.errors.ConfigError` unless a transformer ``width`` is a positive multiple of 16."""
+    from ..errors import ConfigError
+
+    if width < 16 or width % 16:
+        raise ConfigError(f"{flag} must be a multiple of 16 (heads of 16), got {width}")
+
+
+def toy_transformer(seed: int = 0, width: int = FLOW_WIDTH):
+    """``SD3Transformer2DModel`` on 4x16x16 latents: 64 image tokens (patch 2), 4 joint blocks, ``width`` wide
+    (heads of 16)."""
     from diffusers import SD3Transformer2DModel
 
+    check_width(width, "--flow_width")
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=LATENT_SIZE,
@@ -183,9 +196,9 @@ def toy_transformer(seed: int = 0):
         out_channels=LATENT_CHANNELS,
         num_layers=4,
         attention_head_dim=16,
-        num_attention_heads=4,
+        num_attention_heads=width // 16,
         joint_attention_dim=64,
-        caption_projection_dim=64,
+        caption_projection_dim=width,
         pooled_projection_dim=64,
         pos_embed_max_size=LATENT_SIZE // 2,
     )
@@ -254,8 +267,9 @@ def build_toy_sd(seed: int = 0, vae=None, prediction_type: str = "epsilon", zero
     )
 
 
-def build_toy_flow(seed: int = 0, vae=None):
-    """A randomly initialised toy-flow ``StableDiffusion3Pipeline`` without T5 (``vae``: reuse a trained one)."""
+def build_toy_flow(seed: int = 0, vae=None, width: int = FLOW_WIDTH):
+    """A randomly initialised toy-flow ``StableDiffusion3Pipeline`` without T5 (``vae``: reuse a trained one;
+    ``width``: the transformer's, see :func:`toy_transformer`)."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -264,7 +278,7 @@ def build_toy_flow(seed: int = 0, vae=None):
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, 3, projection_dim=32))
     return StableDiffusion3Pipeline(
-        transformer=toy_transformer(seed),
+        transformer=toy_transformer(seed, width),
         scheduler=flow_scheduler(),
         vae=copy.deepcopy(vae) if vae is not None else toy_vae(seed + 1),
         text_encoder=text_encoder,
@@ -352,8 +366,7 @@ def check_video_architecture(patch: int, width: int) -> None:
 
     if patch not in (1, 2, 4):
         raise ConfigError(f"--video_patch must be 1, 2 or 4 (latent pixels per token side), got {patch}")
-    if width < 16 or width % 16:
-        raise ConfigError(f"--video_width must be a multiple of 16 (heads of 16), got {width}")
+    check_width(width, "--video_width")
 
 
 def toy_video_transformer(seed: int = 0, patch: int = VIDEO_PATCH, width: int = VIDEO_WIDTH):
