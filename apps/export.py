@@ -1,4 +1,4 @@
-"""``visalign export --checkpoint RUN/checkpoints/step-N --out DIR``: a training checkpoint as a Diffusers LoRA.
+"""``visalign export --checkpoint RUN/checkpoints/step-N --out DIR``: a checkpoint as a Diffusers LoRA (or fused).
 
 A run exports its final adapter to ``RUN/final``; its resumable checkpoints (``trainable.safetensors`` with the
 optimizer and RNG states) are not adapters. This turns one of them into the same export: the base model of the
