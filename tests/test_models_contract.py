@@ -109,19 +109,25 @@ def test_lora_init_is_identity_and_disable_gives_base(tiny_pipeline_dir, name):
     torch.testing.assert_close(model.predict(x_t, t, cond), adapted)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_saved_lora_loads_in_plain_diffusers(tiny_pipeline_dir, tmp_path, name):
-    from diffusers import DiffusionPipeline
-
+def with_trained_lora(tiny_pipeline_dir, name):
+    """A tiny model with a LoRA moved off its identity init (alpha != rank, so a reload needs the saved metadata),
+    its inputs ``(x_t, t, cond)`` and its prediction on them."""
     model = load_model(tiny_pipeline_dir(name))
-    family = type(model)
-    model.add_lora(rank=4, alpha=8)  # alpha != rank: reload is only right if the metadata is saved
+    model.add_lora(rank=4, alpha=8)
     with torch.no_grad():
         for p in model.lora_parameters():
             p.add_(0.05 * torch.randn_like(p))
     x0, noise, t, cond = training_inputs(model, name)
     x_t = model.add_noise(x0, noise, t)
-    adapted = model.predict(x_t, t, cond)
+    return model, (x_t, t, cond), model.predict(x_t, t, cond)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_lora_loads_in_plain_diffusers(tiny_pipeline_dir, tmp_path, name):
+    from diffusers import DiffusionPipeline
+
+    model, (x_t, t, cond), adapted = with_trained_lora(tiny_pipeline_dir, name)
+    family = type(model)
     model.save_lora(tmp_path / "lora")
 
     import json
@@ -139,14 +145,7 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_pipeline_dir, tmp_path, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fused_lora_predicts_like_the_adapter_with_no_peft_layers_left(tiny_pipeline_dir, name):
     """``fuse_lora`` (``visalign export --fuse``): base + LoRA folded into the weights, for every family."""
-    model = load_model(tiny_pipeline_dir(name))
-    model.add_lora(rank=4, alpha=8)
-    with torch.no_grad():
-        for p in model.lora_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    x0, noise, t, cond = training_inputs(model, name)
-    x_t = model.add_noise(x0, noise, t)
-    adapted = model.predict(x_t, t, cond)
+    model, (x_t, t, cond), adapted = with_trained_lora(tiny_pipeline_dir, name)
     model.fuse_lora()
     assert model.adapter_names == [] and not [n for n, _ in model.denoiser.named_parameters() if "lora_" in n]
     torch.testing.assert_close(model.predict(x_t, t, cond), adapted, rtol=1e-4, atol=1e-5)
