@@ -107,7 +107,7 @@ def test_fuse_folds_the_lora_into_a_pipeline_that_plain_diffusers_loads(dpo_run,
     assert not [n for n, _ in pipe.unet.named_parameters() if "lora" in n]
     with_lora = load_model(base)
     with_lora.load_lora(dpo_run / "final")
-    expected, plain = unet_output(with_lora), None
+    expected = unet_output(with_lora)
     with_lora.set_adapters(None)
     plain = unet_output(with_lora)
     got = unet_output(load_model(str(fused)))
