@@ -24,7 +24,7 @@ from visalign.toyworld import (
     summarize,
 )
 from visalign.toyworld.oracle import label_components
-from visalign.toyworld.render import draw, to_tensor
+from visalign.toyworld.render import NEAR_MISS_FILL, draw, draw_near_miss, near_miss_square_mask, to_tensor
 
 
 # ----------------------------------------------------------------------------------------------- captions
@@ -67,6 +67,24 @@ def test_render_is_exact_and_seeded():
     assert colors <= allowed  # no anti-aliasing: only the background and palette colours
     for s in scenes:
         assert 16 <= s.size <= 30 and 0 <= s.x <= 64 - s.size and 0 <= s.y <= 64 - s.size
+
+
+def test_near_miss_squares_are_never_squares_to_the_oracle():
+    """toy-clip's spoilt-square negatives: the caption's colour and place, a fill ratio in NEAR_MISS_FILL (under the
+    oracle's 0.90), so the oracle calls every one a wrong shape; the same rng draws the same twin."""
+    captions = [f"a {c} square" for c in ("red", "green", "blue", "yellow", "purple")] * 12
+    _, scenes = render_images(captions, seed=5)
+    rng = np.random.default_rng(0)
+    twins = to_tensor(np.stack([draw_near_miss(s, rng) for s in scenes]))
+    verdicts = judge_images(twins, captions)
+    assert all(v.object and v.color_ok and not v.shape_ok for v in verdicts)
+    assert all(NEAR_MISS_FILL[0] <= v.fill_ratio < NEAR_MISS_FILL[1] for v in verdicts)
+    centres = [(v.cx - s.cx, v.cy - s.cy) for v, s in zip(verdicts, scenes)]
+    assert max(abs(d) for c in centres for d in c) < 4  # drawn where its twin is
+    for size in (16, 30):
+        a = near_miss_square_mask(size, np.random.default_rng(1))
+        b = near_miss_square_mask(size, np.random.default_rng(1))
+        assert np.array_equal(a, b) and abs(a.shape[0] - size) <= 8
 
 
 def test_video_render_moves_in_a_straight_line():

@@ -552,6 +552,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         + (f" --video_patch {cfg.video_patch}" if cfg.video_patch != VIDEO_PATCH else "")
         + (f" --video_width {cfg.video_width}" if cfg.video_width != VIDEO_WIDTH else "")
         + (f" --flow_width {cfg.flow_width}" if cfg.flow_width != FLOW_WIDTH else "")
+        + (f" --near_miss {cfg.near_miss:g}" if cfg.near_miss else "")
         + (f" --save_every {cfg.save_every}" if cfg.save_every else "")
         + (f" --threads {cfg.threads}" if cfg.threads else ""),
         "wall_time_s": round(time.perf_counter() - started, 1),

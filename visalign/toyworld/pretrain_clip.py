@@ -20,7 +20,7 @@ from .oracle import position_holds
 from .pretrain import GRID_CAPTIONS, LossLog, _save_grid, _trainable, held_in_batch, lr_at
 from .pretrain_config import PretrainConfig
 from .recipes import build_toy_clip, save_toy_clip
-from .render import render_images
+from .render import draw_near_miss, render_images, to_tensor
 
 
 def caption_truth(scenes: list, captions: list[str]) -> torch.Tensor:
@@ -60,6 +60,17 @@ def multi_positive_nce(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tenso
     return -(log_p.masked_fill(~truth, float("-inf")).logsumexp(dim=1)).mean()
 
 
+def add_near_misses(images, truth, scenes, chance: float, rng: np.random.Generator):
+    """Append a near-miss twin (:func:`~visalign.toyworld.render.draw_near_miss`) of each square scene with
+    probability ``chance``: same colour, size and place, no caption true of it. It enters the loss only as a
+    negative of the captions' rows, next to its exact twin, so "square" learns sharp, straight corners."""
+    twins = [draw_near_miss(s, rng) for s in scenes if s.shape == "square" and rng.random() < chance]
+    if not twins:
+        return images, truth
+    images = torch.cat([images, to_tensor(np.stack(twins))])
+    return images, torch.cat([truth, truth.new_zeros(len(twins), truth.shape[1])])
+
+
 def train_clip(cfg: PretrainConfig, out: Path) -> dict:
     """Pretrain toy-clip into ``out``; returns the summary written to ``toyworld.json``."""
     from .evaluate import clip_hard_negative_accuracy
@@ -78,6 +89,8 @@ def train_clip(cfg: PretrainConfig, out: Path) -> dict:
             group["lr"] = lr
         images, scenes = held_in_batch(rng, cfg.batch_size, cfg.seed + 6_000_011, step * cfg.batch_size)
         truth = caption_truth(scenes, held_in)
+        if cfg.near_miss > 0:
+            images, truth = add_near_misses(images, truth, scenes, cfg.near_miss, rng)
         image_features = model.encode_image(clip_normalize(images), normalize=True)
         text_features = model.encode_text(text_ids, normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T

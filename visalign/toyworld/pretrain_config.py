@@ -66,6 +66,9 @@ class PretrainConfig:
     video_patch: int = field(VIDEO_PATCH, help="toy-video: transformer patch in latent pixels (1, 2 or 4: 8x8 px)")
     video_width: int = field(VIDEO_WIDTH, help="toy-video: transformer width (heads of 16, FFN twice as wide)")
     flow_width: int = field(FLOW_WIDTH, help="toy-flow: transformer width (heads of 16)")
+    near_miss: float = field(
+        0.0, help="toy-clip: chance that a square in a batch gets a spoilt twin (rounded, tilted, wavy) as a negative"
+    )
     save_every: int = field(0, help="also save the EMA pipeline every N steps in stages/ (0: never; not toy-clip)")
     sample_steps: int | None = field(None, help="sampling steps of the grids and the recorded default")
     guidance: float | None = field(None, help="CFG scale of the grids and the recorded default")
@@ -94,3 +97,7 @@ class PretrainConfig:
         if self.flow_width != FLOW_WIDTH and self.model != "toy-flow":
             raise ConfigError(f"--flow_width shapes toy-flow only; drop it for {self.model}")
         check_width(self.flow_width, "--flow_width")
+        if not 0 <= self.near_miss <= 1:
+            raise ConfigError(f"--near_miss is a probability in [0, 1], got {self.near_miss}")
+        if self.near_miss and self.model != "toy-clip":
+            raise ConfigError(f"--near_miss adds negatives to toy-clip's contrastive loss; drop it for {self.model}")

@@ -201,3 +201,60 @@ def render_videos(
     shape = (0, VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3)
     videos = np.stack([draw_video(s) for s in scenes]) if scenes else np.zeros(shape, np.uint8)
     return to_tensor(videos), scenes
+
+
+# ----------------------------------------------------------------------------------------------- near misses
+# A near-miss square's fill ratio stays in this range: under the oracle's 0.90 for a square (TOYWORLD.md), and
+# near it (a circle's is 0.785)
+NEAR_MISS_FILL = (0.72, 0.88)
+
+
+def near_miss_square_mask(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A square spoilt the way generators spoil one: rounded corners, a tilt, wavy edges, or a mix.
+
+    The shape is not in the world (the renderer draws exact shapes only); toy-clip can learn from it that
+    "square" means sharp, straight, axis-aligned edges. Parameters are redrawn until the mask's fill ratio
+    in its bounding box is within :data:`NEAR_MISS_FILL`, so a near miss is never a square by the oracle.
+
+    Returns:
+        a bool mask cropped to its bounding box (about ``size`` wide; a tilt makes it wider).
+    """
+    from .oracle import label_components  # the oracle imports this module's position thresholds
+
+    n = size + 8
+    v, u = np.mgrid[0:n, 0:n] + 0.5 - n / 2  # pixel centres about the middle
+    half = size / 2
+    while True:
+        kind = rng.choice(["round", "tilt", "wave", "mix"])
+        theta = np.deg2rad(rng.uniform(3, 20)) * rng.choice([-1, 1]) if kind in ("tilt", "mix") else 0.0
+        radius = half * rng.uniform(0.5, 1.0) if kind in ("round", "mix") else 0.0
+        x = u * np.cos(theta) + v * np.sin(theta)
+        y = -u * np.sin(theta) + v * np.cos(theta)
+        h = np.full_like(x, half)
+        if kind in ("wave", "mix"):  # each edge bows in or out
+            amp, freq, phase = size * rng.uniform(0.02, 0.07), 1, rng.uniform(0, 2 * np.pi)
+            along = np.where(np.abs(x) > np.abs(y), y, x) / half  # position along the nearest edge, in [-1, 1]
+            h = h + amp * np.sin(np.pi * freq * (along + 1) / 2 + phase)
+        dx = np.maximum(np.abs(x) - (h - radius), 0)
+        dy = np.maximum(np.abs(y) - (h - radius), 0)
+        mask = (dx**2 + dy**2 <= radius**2) & (np.abs(x) < h) & (np.abs(y) < h)
+        labels = label_components(mask[None])[0]  # one piece: the oracle measures the largest component
+        if len(np.unique(labels[mask])) != 1:
+            continue
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        if NEAR_MISS_FILL[0] <= mask.mean() < NEAR_MISS_FILL[1]:
+            return mask
+
+
+def draw_near_miss(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """``[64, 64, 3]`` uint8: a near-miss square (:func:`near_miss_square_mask`) in ``scene``'s colour, centred
+    where the scene's square is (shifted inside the canvas when a tilt makes it wider)."""
+    mask = near_miss_square_mask(scene.size, rng)
+    h, w = mask.shape
+    x = int(np.clip(round(scene.x + (scene.size - w) / 2), 0, IMAGE_SIZE - w))
+    y = int(np.clip(round(scene.y + (scene.size - h) / 2), 0, IMAGE_SIZE - h))
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    image[y : y + h, x : x + w][mask] = PALETTE[scene.color]
+    return image
