@@ -200,7 +200,7 @@ needs_sde = pytest.mark.skipif(importlib.util.find_spec("visalign.sde") is None,
 @needs_sde
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_flow_sde_without_noise_is_ode_sampling_and_logprobs_are_finite(loaded, name):
-    from visalign.sde import get_sampler
+    from visalign.samplers import get_sampler
 
     model = loaded(name)
     latents = model.prepare_latents(2, 32, 32, None, torch.Generator().manual_seed(0))

@@ -181,7 +181,7 @@ def test_prepare_latents_checks_the_size(loaded):
 def test_ddim_eta0_sampler_equals_ddim_ode(tiny_pipeline_dir, name):
     from diffusers import DDIMScheduler
 
-    from visalign.sde import get_sampler
+    from visalign.samplers import get_sampler
 
     model = load_model(tiny_pipeline_dir(name))
     latents = torch.randn(2, 4, 16, 16, generator=gen(8))
@@ -201,7 +201,7 @@ def test_ddim_eta0_sampler_equals_ddim_ode(tiny_pipeline_dir, name):
 
 @pytest.mark.parametrize("name", ["sd-v", "sdxl"])
 def test_ddim_eta1_returns_finite_log_probs(loaded, name):
-    from visalign.sde import get_sampler
+    from visalign.samplers import get_sampler
 
     model = loaded(name)
     out = model.sample(PROMPTS, steps=3, guidance=3.0, generator=gen(), sde=get_sampler("ddim", eta=1.0), **SIZE)

@@ -177,7 +177,7 @@ def test_wan_sde_schedule_reads_the_inference_sigmas(wan):
 def test_wan_flow_sde_first_step_is_not_blown_up(wan):
     """UniPC's first sigma is just below 1: Flow-SDE's first step keeps the Flow-GRPO noise scale
     ``a sqrt(sigma / (1 - sigma_max))``, and a small noise level stays close to the ODE sampler."""
-    from visalign.sde import FlowSDE
+    from visalign.samplers import FlowSDE
 
     scheduler = wan.inference_scheduler(4, torch.zeros(1))
     first = wan.sde_schedule(scheduler, 0)
@@ -233,7 +233,7 @@ def test_bad_sizes_and_unsupported_pipelines_raise_clear_errors(wan, cog):
 
 @pytest.mark.parametrize("name", ["wan", "cogvideox"])
 def test_stochastic_sampling_returns_finite_log_probs(name):
-    from visalign.sde import get_sampler
+    from visalign.samplers import get_sampler
 
     build, family, _ = VARIANTS[name]
     model = family(build())
@@ -245,7 +245,7 @@ def test_stochastic_sampling_returns_finite_log_probs(name):
 
 
 def test_cogvideox_ddim_sampler_without_noise_is_the_ode_path(cog):
-    from visalign.sde import get_sampler
+    from visalign.samplers import get_sampler
 
     latents = cog.prepare_latents(2, 32, 32, 5, gen(8))
     kwargs = dict(steps=3, guidance=4.0, latents=latents, decode=False, **SIZE)

@@ -1,4 +1,4 @@
-"""Exact-value tests of the stochastic sampling steps in :mod:`visalign.sde`."""
+"""Exact-value tests of the stochastic steps of :mod:`visalign.sde` and the samplers of :mod:`visalign.samplers`."""
 
 from __future__ import annotations
 
@@ -9,20 +9,14 @@ import torch
 from diffusers import DDIMScheduler
 from torch.distributions import Normal, kl_divergence
 
+from visalign.samplers import CPS, DanceSDE, DDIMEta, FlowSDE, Sampler, available_samplers, get_sampler
 from visalign.sde import (
-    CPS,
-    DanceSDE,
-    DDIMEta,
-    FlowSDE,
-    Sampler,
     StepOutput,
-    available_samplers,
     cps_step,
     dance_sde_step,
     ddim_step,
     flow_sde_step,
     gaussian_log_prob,
-    get_sampler,
     kl_to_reference,
 )
 

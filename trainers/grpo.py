@@ -56,7 +56,8 @@ from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's op
 from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
 from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
-from visalign.sde import get_sampler, kl_to_reference
+from visalign.samplers import get_sampler
+from visalign.sde import kl_to_reference
 
 # ----------------------------------------------------------------------------------------------- rollouts
 ROLLOUT_SEED_BASE = 1 << 40

@@ -29,7 +29,8 @@ from .lora import LoraMixin
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ..sde import Sampler, StepOutput
+    from ..samplers import Sampler
+    from ..sde import StepOutput
 
 Cond = dict[str, torch.Tensor]
 

@@ -21,7 +21,7 @@ from ..diffusion import ddpm_add_noise, ddpm_target
 from .base import Cond, DiffusionModel, ModelError, SampleOutput, register_family
 
 if TYPE_CHECKING:
-    from ..sde import Sampler
+    from ..samplers import Sampler
 
 
 # The scheduler the released CogVideoX checkpoints ship (CogVideoX-2b/5b ``scheduler_config.json``), for pipelines

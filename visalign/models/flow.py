@@ -19,7 +19,7 @@ from ..diffusion import flow_add_noise, flow_target, sample_flow_sigmas
 from .base import DiffusionModel
 
 if TYPE_CHECKING:
-    from ..sde import Sampler
+    from ..samplers import Sampler
 
 # Attention projections of both streams of an MM-DiT block (image and text), as targeted by Diffusers'
 # SD3/FLUX LoRA training scripts and by Flow-GRPO.

@@ -24,7 +24,7 @@ from ..diffusion import ddpm_add_noise, ddpm_target
 from .base import Cond, DiffusionModel, ModelError, register_family
 
 if TYPE_CHECKING:
-    from ..sde import Sampler
+    from ..samplers import Sampler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
