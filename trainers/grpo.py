@@ -1,7 +1,7 @@
 """GRPO for diffusion and flow models on every family: Flow-GRPO, DanceGRPO and MixGRPO-style SDE windows.
 
 Each rollout samples ``group_size`` images (or videos) for each of ``batch_size`` prompts with a stochastic sampler
-of :mod:`visalign.sde` (Flow-SDE, Dance-SDE or CPS for SD3/FLUX/Wan; DDIM-eta for SD1.5/SDXL/CogVideoX), keeping
+of :mod:`visalign.samplers` (Flow-SDE, Dance-SDE or CPS for SD3/FLUX/Wan; DDIM-eta for SD1.5/SDXL/CogVideoX), keeping
 the latent trajectory and the fp32 log-prob of every step. The reward scores the samples; group-relative
 advantages ``(r - mean_prompt) / (std + 1e-4)`` (clipped to ``+-adv_clip_max``) weight the PPO-clip surrogate on
 ``rho = exp(logp - logp_old)`` of the chosen steps, plus ``beta_kl`` times the KL to the reference (the same

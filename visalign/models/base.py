@@ -196,7 +196,7 @@ class DiffusionModel(LoraMixin):
         return scheduler.step(model_output, t, latents, return_dict=False)[0]
 
     def sde_schedule(self, scheduler, index: int) -> dict[str, Any]:
-        """The schedule quantities a stochastic sampler of :mod:`visalign.sde` needs at step ``index``."""
+        """The schedule quantities a stochastic sampler of :mod:`visalign.samplers` needs at step ``index``."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared training view
@@ -396,7 +396,7 @@ class DiffusionModel(LoraMixin):
             index: the step, an ``int`` or a per-sample ``[B]`` integer tensor (samples at different steps).
             latents: ``[B, ...]`` the samples before the step.
             cond, uncond, guidance: as :meth:`guided_predict`.
-            sde: the sampler of :mod:`visalign.sde`.
+            sde: a sampler of :mod:`visalign.samplers`.
             generator: draws the step's noise (unused when ``prev_sample`` is given).
             prev_sample: ``[B, ...]`` a stored next sample to score instead of sampling one.
 

@@ -131,7 +131,7 @@ class FlowMatchingModel(DiffusionModel):
     def inference_scheduler(self, steps: int, latents: torch.Tensor, sde: Sampler | None = None):
         """A private copy of the pipeline's scheduler on the pipeline's own timestep grid.
 
-        The stochastic samplers of :mod:`visalign.sde` use the same sigmas, so ``sde`` changes nothing here.
+        The stochastic samplers of :mod:`visalign.samplers` use the same sigmas, so ``sde`` changes nothing here.
         """
         scheduler = copy.deepcopy(self.pipe.scheduler)
         kwargs: dict[str, Any] = {}
