@@ -113,12 +113,18 @@ def sample_scene(caption: Caption | str, rng: np.random.Generator) -> Scene:
 
 def draw(shape: str, color: str, size: int, x: int, y: int, canvas: int) -> np.ndarray:
     """``[canvas, canvas, 3]`` uint8: the background with one object at top-left ``(x, y)``."""
+    return paint(shape_mask(shape, size), color, x, y, canvas)
+
+
+def paint(mask: np.ndarray, color: str, x: int, y: int, canvas: int) -> np.ndarray:
+    """``[canvas, canvas, 3]`` uint8: the background with ``mask`` (``[h, w]`` bool) in ``color`` at top-left
+    ``(x, y)``."""
+    h, w = mask.shape
+    if x < 0 or y < 0 or x + w > canvas or y + h > canvas:
+        raise ValueError(f"object of size {w}x{h} at ({x}, {y}) does not fit a {canvas}x{canvas} canvas")
     image = np.empty((canvas, canvas, 3), dtype=np.uint8)
     image[:] = BACKGROUND
-    if x < 0 or y < 0 or x + size > canvas or y + size > canvas:
-        raise ValueError(f"object of size {size} at ({x}, {y}) does not fit a {canvas}x{canvas} canvas")
-    region = image[y : y + size, x : x + size]
-    region[shape_mask(shape, size)] = PALETTE[color]
+    image[y : y + h, x : x + w][mask] = PALETTE[color]
     return image
 
 
@@ -232,9 +238,9 @@ def near_miss_square_mask(size: int, rng: np.random.Generator) -> np.ndarray:
         y = -u * np.sin(theta) + v * np.cos(theta)
         h = np.full_like(x, half)
         if kind in ("wave", "mix"):  # each edge bows in or out
-            amp, freq, phase = size * rng.uniform(0.02, 0.07), 1, rng.uniform(0, 2 * np.pi)
+            amp, phase = size * rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi)
             along = np.where(np.abs(x) > np.abs(y), y, x) / half  # position along the nearest edge, in [-1, 1]
-            h = h + amp * np.sin(np.pi * freq * (along + 1) / 2 + phase)
+            h = h + amp * np.sin(np.pi * (along + 1) / 2 + phase)
         dx = np.maximum(np.abs(x) - (h - radius), 0)
         dy = np.maximum(np.abs(y) - (h - radius), 0)
         mask = (dx**2 + dy**2 <= radius**2) & (np.abs(x) < h) & (np.abs(y) < h)
@@ -254,7 +260,4 @@ def draw_near_miss(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     h, w = mask.shape
     x = int(np.clip(round(scene.x + (scene.size - w) / 2), 0, IMAGE_SIZE - w))
     y = int(np.clip(round(scene.y + (scene.size - h) / 2), 0, IMAGE_SIZE - h))
-    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    image[:] = BACKGROUND
-    image[y : y + h, x : x + w][mask] = PALETTE[scene.color]
-    return image
+    return paint(mask, scene.color, x, y, IMAGE_SIZE)
