@@ -6,7 +6,7 @@ SGLang / TGI serving a Qwen-VL model (``vllm serve Qwen/Qwen2.5-VL-7B-Instruct``
 
 One request per sample (pairwise: two, one per order), sent ``concurrency`` at a time. Each request carries the
 images as base64 PNG data URLs (8-bit, lossless for 8-bit media), the question of the same
-:class:`~reward_models.vlm_judge.JudgeTemplate` as ``vlm-judge``, ``temperature=0`` and, unless
+:class:`~reward_models.judging.JudgeTemplate` as ``vlm-judge``, ``temperature=0`` and, unless
 ``logprobs=False``, ``logprobs=true, top_logprobs=K``. Answers are read:
 
 1. from the ``top_logprobs`` of the first non-blank answer token when the server returns them: the probability
@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .base import RewardError, RewardSpecError
+from .judging import PAIR_QUESTION, JudgeReward, JudgeTemplate, Part
 from .remote import ON_ERROR, TransportError, _base_url, request_json, with_retries
 from .serving import png_base64
 from .specs import BUILTIN_SPECS
-from .vlm_judge import PAIR_QUESTION, JudgeReward, JudgeTemplate, Part
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -186,7 +186,7 @@ class OpenAIJudge(JudgeReward):
         client: ``payload -> response`` (:class:`ChatClient`, or :class:`RandomChatEndpoint` offline); raises
             :class:`~reward_models.remote.TransportError` on failure.
         model: the ``model`` field of each request.
-        template: :class:`~reward_models.vlm_judge.JudgeTemplate`.
+        template: :class:`~reward_models.judging.JudgeTemplate`.
         logprobs: ask for ``logprobs`` / ``top_logprobs`` (turn off for servers that reject them).
         top_logprobs: how many alternatives per token to ask for.
         max_tokens: answer length limit.

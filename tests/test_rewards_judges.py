@@ -33,16 +33,10 @@ from reward_models import (
     build_random_reward,
     build_reward,
 )
+from reward_models.judging import JudgeTemplate, expected_rating, pairwise_preference
 from reward_models.openai_judge import answer_from_text, load_openai_judge
 from reward_models.serving import quantize
-from reward_models.vlm_judge import (
-    JudgeTemplate,
-    VLMJudge,
-    expected_rating,
-    load_vlm_judge,
-    pairwise_preference,
-    random_vlm_judge,
-)
+from reward_models.vlm_judge import VLMJudge, load_vlm_judge, random_vlm_judge
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "a yellow circle on the top"]
 
