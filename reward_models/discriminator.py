@@ -98,7 +98,21 @@ class DiscriminatorReward(Reward):
         Returns:
             the loss of every step.
         """
-        real_f, fake_f = self._all_features(real), self._all_features(fake)
+        return self.fit_features(self._all_features(real), self._all_features(fake), steps, lr, batch_size,
+                                 weight_decay, seed)  # fmt: skip
+
+    def fit_features(
+        self,
+        real_f: torch.Tensor,
+        fake_f: torch.Tensor,
+        steps: int = 500,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> list[float]:
+        """:meth:`fit` on precomputed :meth:`features` ``[N, D]`` and ``[M, D]``, continuing from the current head
+        (a fresh AdamW each call)."""
         gen = torch.Generator().manual_seed(seed)
         half = max(1, batch_size // 2)
         self.head.train().requires_grad_(True)

@@ -3,6 +3,7 @@ GRPO reward, and evaluation reports the feature-space Fréchet distance to the r
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -77,3 +78,58 @@ def test_bad_drl_configs(tmp_path, prompt_file):
     with pytest.raises(ConfigError, match="not a folder"):
         DRL(config(tmp_path, prompt_file, real_data=str(tmp_path / "nope")), model=tiny_model(),
             discriminator=random_discriminator("tiny"))  # fmt: skip
+
+
+def test_refit_variant_updates_the_head_on_policy_samples_and_resumes_exactly(tmp_path, prompt_file):
+    """disc_refit_every: rollout samples join the fakes and every N-th rollout refits the head on them; a rollout is
+    scored by the head fitted before it; a resumed run carries the head and the fakes and matches the uninterrupted
+    one exactly."""
+    kw = dict(disc_refit_every=2, disc_refit_steps=5, disc_samples=6, max_steps=4, samples_per_update=0)
+
+    def drl(path, **more):
+        disc = random_discriminator("tiny")
+        return DRL(config(path, prompt_file, **kw, **more), model=tiny_model(), discriminator=disc)
+
+    task = drl(tmp_path / "x")
+    fitted = {k: v.clone() for k, v in task.reward.head.state_dict().items()}
+    first = task.rollout([0, 1])  # 4 samples: fakes hold them; no refit yet (1 rollout of every 2)
+    assert task._fakes.shape == (4, task.reward.encoder.dim) and "discriminator/refit_loss" not in first.metrics
+    assert all(torch.equal(fitted[k], v) for k, v in task.reward.head.state_dict().items())
+    second = task.rollout([1, 2])
+    assert task._fakes.shape == (6, task.reward.encoder.dim)  # the latest disc_samples only
+    assert torch.allclose(task._fakes[-4:], task.features(second.pixels))
+    assert "discriminator/refit_loss" in second.metrics
+    assert any(not torch.equal(fitted[k], v) for k, v in task.reward.head.state_dict().items())
+    before = copy.deepcopy(task.reward.head)
+    before.load_state_dict(fitted)
+    with torch.no_grad():  # the second rollout was scored by the head from before the refit
+        assert torch.allclose(second.rewards, before(task.features(second.pixels)), atol=1e-6)
+        assert not torch.allclose(second.rewards, task.reward.head(task.features(second.pixels)), atol=1e-6)
+
+    full = drl(tmp_path / "a")
+    Trainer(full).train()
+
+    class Stop(Exception):
+        pass
+
+    cut = drl(tmp_path / "b", checkpoint_every=2)
+
+    def stop(step):
+        if step == 2:
+            raise Stop
+
+    cut.on_step_end = stop
+    with pytest.raises(Stop):
+        Trainer(cut).train()
+    resumed = drl(tmp_path / "b", resume_from="latest")
+    Trainer(resumed).train()
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("grpo/drl/head/") for k in a) and "grpo/drl/fakes" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_refit_config(tmp_path, prompt_file):
+    with pytest.raises(ConfigError, match="disc_refit_every must be >= 0"):
+        config(tmp_path, prompt_file, disc_refit_every=-1)
+    with pytest.raises(ConfigError, match="disc_refit_steps must be >= 1"):
+        config(tmp_path, prompt_file, disc_refit_steps=0)

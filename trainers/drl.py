@@ -48,6 +48,9 @@ class DRLConfig(GRPOConfig):
     disc_lr: float = field(1e-3, help="learning rate of the head (AdamW)")
     disc_batch_size: int = field(256, help="head minibatch (half real, half base samples)")
     disc_hidden: int = field(256, help="hidden width of the head (0: a linear head)")
+    disc_refit_every: int = field(0, help="refit the head every N rollouts on recent policy samples (an adversarial "
+                                  "variant, as Adv-GRPO; 0: frozen, DRL as published)")  # fmt: skip
+    disc_refit_steps: int = field(50, help="head optimizer steps per refit, continuing from the current head")
     beta_kl: float = field(0.01, help="KL weight to the base model")
 
     def __post_init__(self):
@@ -56,7 +59,9 @@ class DRLConfig(GRPOConfig):
             raise ConfigError("DRL's reward is its discriminator: drop --reward (use train grpo for other rewards)")
         if not self.real_data:
             raise ConfigError("real_data is required: --real_data FOLDER_OF_IMAGES (or 'toyworld')")
-        for name in ("disc_samples", "disc_steps", "disc_batch_size"):
+        if self.disc_refit_every < 0:
+            raise ConfigError(f"disc_refit_every must be >= 0 (0: a frozen head), got {self.disc_refit_every}")
+        for name in ("disc_samples", "disc_steps", "disc_batch_size", "disc_refit_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -67,6 +72,7 @@ class DRL(GRPO):
     def __init__(self, config: DRLConfig, model=None, discriminator=None):
         self._discriminator = discriminator  # an untrained (or trained) DiscriminatorReward, e.g. for tests
         self.fit_report: dict[str, float] = {}
+        self._fakes: torch.Tensor | None = None  # features of the latest rollout samples (disc_refit_every)
         super().__init__(config, model=model)
 
     @property
@@ -153,3 +159,40 @@ class DRL(GRPO):
 
     def load_reference_features(self) -> torch.Tensor:
         return self.features(self._real).float()
+
+    # ----------------------------------------------------------------- adversarial variant (disc_refit_every)
+    def rollout(self, prompt_ids: list[int]):
+        """GRPO's rollout; with ``disc_refit_every`` its samples then join the head's fakes (the latest
+        ``disc_samples``, gathered over processes so every rank keeps the same head) and every N-th rollout refits the
+        head on them against the real images. A rollout is scored by the head fitted before it was sampled."""
+        ro = super().rollout(prompt_ids)
+        cfg = self.config
+        if not cfg.disc_refit_every:
+            return ro
+        from accelerate import PartialState
+        from accelerate.utils import gather
+
+        new = gather(self.features(ro.pixels).to(PartialState().device)).cpu()
+        self._fakes = new if self._fakes is None else torch.cat([self._fakes, new])[-cfg.disc_samples :]
+        if self.rollouts % cfg.disc_refit_every == 0:
+            device = self.reward.device
+            real, fakes = self.reference_features.to(device), self._fakes.to(device)
+            fit = dict(steps=cfg.disc_refit_steps, lr=cfg.disc_lr, batch_size=cfg.disc_batch_size)
+            losses = self.reward.fit_features(real, fakes, seed=cfg.seed + self.rollouts, **fit)
+            ro.metrics["discriminator/refit_loss"] = losses[-1]
+        return ro
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.config.disc_refit_every:
+            state.update({f"grpo/drl/head/{k}": v.detach().clone() for k, v in self.reward.head.state_dict().items()})
+            if self._fakes is not None:
+                state["grpo/drl/fakes"] = self._fakes.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if self.config.disc_refit_every:
+            prefix = "grpo/drl/head/"
+            self.reward.head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            self._fakes = state.get("grpo/drl/fakes")
