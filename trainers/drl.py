@@ -15,6 +15,11 @@ Evaluation adds the Fréchet distance between samples and the real data in the d
 (``drift/fd_to_reference``): the figure DRL is meant to lower. In the shapes world the real data is the
 renderer's output for the training prompts (``--real_data toyworld``).
 
+Variant (``disc_refit_every N``, off by default): every N rollouts the head is refitted, from where it is, on the
+latest ``disc_samples`` rollout samples against the same real images, so the logit follows the gap that is left
+instead of the gap at the start (Adv-GRPO keeps updating its head in the same way, with a hinge loss; here the
+logistic loss stays). The head and its fakes are part of the checkpoint.
+
 Departures: the paper's head sees the encoder features of its own choosing (DINOv3 among others); here any
 ``FeatureEncoder`` source works. GRPO normalises advantages per group, so ``beta_kl`` is a strength to tune, not
 the ``beta = 1`` of the closed form. Images only (the discriminator fits image features).
@@ -72,6 +77,7 @@ class DRL(GRPO):
     def __init__(self, config: DRLConfig, model=None, discriminator=None):
         self._discriminator = discriminator  # an untrained (or trained) DiscriminatorReward, e.g. for tests
         self.fit_report: dict[str, float] = {}
+        self._real_captions: list[str] | None = None  # the renders' captions (real_data toyworld)
         self._fakes: torch.Tensor | None = None  # features of the latest rollout samples (disc_refit_every)
         super().__init__(config, model=model)
 
@@ -87,6 +93,7 @@ class DRL(GRPO):
 
             captions = [self.prompts[i % len(self.prompts)] for i in range(cfg.disc_samples)]
             images, _ = render_images(captions, seed=cfg.seed)
+            self._real_captions = captions
         else:
             from visalign.data import load_image
 
@@ -159,6 +166,34 @@ class DRL(GRPO):
 
     def load_reference_features(self) -> torch.Tensor:
         return self.features(self._real).float()
+
+    def extra_metrics(self, media: torch.Tensor, texts: list[str]) -> dict[str, float]:
+        """In the shapes world, where the distance comes from: ``drl/fd/<shape>`` (the samples of captions naming
+        that shape against the renders of such captions) and the mean object size in pixels, ``drl/object_pixels``
+        against the renders' ``drl/real_object_pixels``."""
+        if self._real_captions is None or media.ndim != 4:
+            return {}
+        from visalign.metrics import frechet_distance
+        from visalign.toyworld import parse_caption
+        from visalign.toyworld.captions import CaptionError
+        from visalign.toyworld.oracle import foreground
+
+        def pixels(images: torch.Tensor) -> float:
+            return float(foreground(images.permute(0, 2, 3, 1).float().cpu().numpy()).sum((1, 2)).mean())
+
+        out = {"drl/object_pixels": pixels(media), "drl/real_object_pixels": pixels(self._real)}
+        try:
+            real_shapes = [parse_caption(c).shape for c in self._real_captions]
+            shapes = [parse_caption(t).shape for t in texts]
+        except CaptionError:  # prompts outside the shapes world: no breakdown
+            return out
+        feats = self.features(media).float()
+        for shape in sorted(set(shapes) & set(real_shapes)):
+            mine = [i for i, s in enumerate(shapes) if s == shape]
+            theirs = [i for i, s in enumerate(real_shapes) if s == shape]
+            if len(mine) > 1 and len(theirs) > 1:
+                out[f"drl/fd/{shape}"] = frechet_distance(feats[mine], self.reference_features[theirs])
+        return out
 
     # ----------------------------------------------------------------- adversarial variant (disc_refit_every)
     def rollout(self, prompt_ids: list[int]):

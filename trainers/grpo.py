@@ -479,6 +479,7 @@ class GRPO:
             results[f"reward/{cfg.eval_reward}"] = float(gold.scores[gold.valid].mean())
         drift = drift_report(media, texts, features=self.features, reference_features=self.reference_features)
         results.update({f"drift/{k}": v for k, v in drift.items()})
+        results.update(self.extra_metrics(media, texts))
         gold = results.get(self.gold_key) if self.gold_key else None
         alarm = self.monitor.record(step, results[f"reward/{self.reward_label}"], gold, drift)
         results["monitor/alarm"] = float(alarm)
@@ -488,6 +489,10 @@ class GRPO:
         (out_dir / "report.json").write_text(json.dumps({"step": step, "results": results}, indent=2))
         self.monitor.save(Path(cfg.output_dir) / "monitor")
         return results
+
+    def extra_metrics(self, media: torch.Tensor, texts: list[str]) -> dict[str, float]:
+        """Task-specific evaluation figures (none here; DRL adds its distance per caption shape)."""
+        return {}
 
     def eval_reward(self):
         if self._eval_reward is None:
