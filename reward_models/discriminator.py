@@ -75,31 +75,18 @@ class DiscriminatorReward(Reward):
         with torch.no_grad():
             return torch.cat([self.features(media[i : i + step]) for i in range(0, len(media), step)])
 
-    def fit(
-        self,
-        real: torch.Tensor,
-        fake: torch.Tensor,
-        steps: int = 500,
-        lr: float = 1e-3,
-        batch_size: int = 256,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-    ) -> list[float]:
+    def fit(self, real: torch.Tensor, fake: torch.Tensor, **settings) -> list[float]:
         """Train the head with the logistic loss, real = 1, fake = 0 (the encoder stays frozen).
-
-        Features are computed once; each step draws a class-balanced minibatch of ``batch_size // 2`` per class.
 
         Args:
             real: ``[N, 3, H, W]`` data images in ``[0, 1]``.
             fake: ``[M, 3, H, W]`` base-model samples in ``[0, 1]``.
-            steps, lr, batch_size, weight_decay: AdamW settings.
-            seed: minibatch sampling seed.
+            settings: :meth:`fit_features`' ``steps``, ``lr``, ``batch_size``, ``weight_decay``, ``seed``.
 
         Returns:
             the loss of every step.
         """
-        return self.fit_features(self._all_features(real), self._all_features(fake), steps, lr, batch_size,
-                                 weight_decay, seed)  # fmt: skip
+        return self.fit_features(self._all_features(real), self._all_features(fake), **settings)
 
     def fit_features(
         self,
@@ -111,8 +98,17 @@ class DiscriminatorReward(Reward):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> list[float]:
-        """:meth:`fit` on precomputed :meth:`features` ``[N, D]`` and ``[M, D]``, continuing from the current head
-        (a fresh AdamW each call)."""
+        """:meth:`fit` on features computed once (:meth:`features`, ``[N, D]`` and ``[M, D]``), continuing from the
+        current head with a fresh AdamW. Each step draws a class-balanced minibatch of ``batch_size // 2`` per class.
+
+        Args:
+            real_f, fake_f: features of the real images and of the model samples.
+            steps, lr, batch_size, weight_decay: AdamW settings.
+            seed: minibatch sampling seed.
+
+        Returns:
+            the loss of every step.
+        """
         gen = torch.Generator().manual_seed(seed)
         half = max(1, batch_size // 2)
         self.head.train().requires_grad_(True)
