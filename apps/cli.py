@@ -7,13 +7,15 @@ import importlib
 import os
 import sys
 
+from apps.train import ALGORITHMS
+
 # name -> (module with main(argv), one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("apps.demo", "the main job on the shapes world, offline on a CPU: pairs, Diffusion-DPO, before/after"),
     "generate": ("apps.generate", "sample images or videos from a pipeline (+ LoRA), with metadata"),
     "pairs": ("apps.pairs", "sample K per prompt, score with a reward, write preference pairs and rankings"),
     "evaluate": ("apps.evaluate", "compare a base model and its adapters: rewards, oracle, win rates, drift, grid"),
-    "train": ("apps.train", "train: diffusion-dpo, mapo, llm-dpo (visalign train --help lists them)"),
+    "train": ("apps.train", f"train: {', '.join(ALGORITHMS)} (visalign train ALGO --help: its options)"),
     "export": ("apps.export", "a training checkpoint as a Diffusers LoRA, or a LoRA fused into its base (--fuse)"),
     "score": ("apps.score", "score images or videos with a reward: JSONL, CSV summary, histogram"),
     "compare": ("apps.compare", "Gradio app: base vs adapters side by side, reward scores, votes as preference data"),

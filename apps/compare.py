@@ -94,6 +94,8 @@ class CompareConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"{name} must be a positive multiple of 8, got {value}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -358,9 +360,13 @@ def run(cfg: CompareConfig, block: bool = True):
     from apps.generate import resolve_device
     from visalign.evaluation import read_prompts
     from visalign.models import load_model
+    from visalign.models.lora import lora_file
     from visalign.toyworld import sampling_defaults
 
     variants, reward_specs, hint = resolve(cfg)
+    for variant in variants:
+        if variant.lora is not None:
+            lora_file(variant.lora)  # a clear error before the model loads
     device = resolve_device(cfg.device)
     defaults = sampling_defaults(cfg.model)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype)

@@ -70,9 +70,12 @@ def run(cfg: EvaluateConfig) -> dict:
     from apps.generate import resolve_device
     from visalign.evaluation import evaluate_variants, format_table, read_prompts
     from visalign.models import load_model
+    from visalign.models.lora import lora_file
 
     prompts = read_prompts(cfg.prompts)
     texts = [prompts[i % len(prompts)] for i in range(cfg.n)]
+    for path in cfg.lora:
+        lora_file(path)  # a clear error before the model loads
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype)
     variants: dict[str, str | None] = {"base": None}

@@ -139,8 +139,10 @@ def fuse_lora_folder(lora: str | Path, out: str | Path, model: str | None = None
     save the whole pipeline to ``out``; returns ``out``."""
     from trainers.base import write_model_card
     from visalign.models import load_model
+    from visalign.models.lora import lora_file
 
     lora, out = Path(lora), Path(out)
+    lora_file(lora)  # a clear error before the model loads
     info = lora / "visalign_lora.json"
     if model is None:
         model = json.loads(info.read_text()).get("base_model") if info.exists() else None

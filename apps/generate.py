@@ -100,11 +100,14 @@ def guidance_rewards(specs: Sequence[str], weights: Sequence[float], device=None
 def run(cfg: GenerateConfig) -> Path:
     from visalign.media import save_image, save_video
     from visalign.models import load_model
+    from visalign.models.lora import lora_file
 
     prompts = read_prompts(cfg.prompts)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    if cfg.lora:
+        lora_file(cfg.lora)  # a clear error before the model loads
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
     if cfg.lora:

@@ -148,8 +148,11 @@ def run(cfg: PairsConfig) -> dict:
     from reward_models import build_reward
     from visalign.evaluation import read_prompts
     from visalign.models import load_model
+    from visalign.models.lora import lora_file
 
     prompts = read_prompts(cfg.prompts)
+    if cfg.lora:
+        lora_file(cfg.lora)  # a clear error before the model loads
     device = resolve_device(cfg.device)
     reward = build_reward(cfg.reward, device=device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype)

@@ -192,6 +192,10 @@ def evaluate_diffusion(cfg: EvaluateConfig, model=None, progress: bool = True) -
 
     defaults = sampling_defaults(cfg.model)
     if model is None:
+        if cfg.lora:
+            from visalign.models.lora import lora_file
+
+            lora_file(cfg.lora)  # a clear error before the model loads
         model = load_model(cfg.model, device=resolve_device(cfg.device))
         if cfg.lora:
             model.load_lora(cfg.lora)

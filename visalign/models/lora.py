@@ -20,6 +20,33 @@ import torch
 from ..errors import ModelError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_EXPECTED = f"a Diffusers-format LoRA: a folder with {LORA_WEIGHT_NAME}, or a .safetensors file"
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The weights file of the LoRA at ``path`` (a folder or a ``.safetensors`` file), checked to be readable.
+
+    Cheap (it reads the file's header only), so commands call it before loading a model. Raises :class:`ModelError`
+    naming the path and what a LoRA is when it is missing, a training checkpoint, or not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if path.is_dir() and not file.exists() and (path / "trainable.safetensors").exists():
+        raise ModelError(
+            f"{path} is a training checkpoint, not a LoRA: export it first with "
+            f"`visalign export --checkpoint {path} --out DIR`, then load DIR"
+        )
+    if not file.exists():
+        raise ModelError(f"LoRA not found: {file} (expected {LORA_EXPECTED})")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{file} is not a LoRA: not a safetensors file ({reason}); expected {LORA_EXPECTED}") from e
+    return file
 
 
 class LoraMixin:
@@ -177,16 +204,7 @@ class LoraMixin:
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
         """Load a Diffusers-format LoRA (folder or ``.safetensors`` file) as ``adapter_name`` and activate it."""
         path = Path(path)
-        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-        if path.is_dir() and not file.exists() and (path / "trainable.safetensors").exists():
-            raise ModelError(
-                f"{path} is a training checkpoint, not a LoRA: export it first with "
-                f"`visalign export --checkpoint {path} --out DIR`, then load DIR"
-            )
-        if not file.exists():
-            raise ModelError(
-                f"LoRA not found: {file} (expected a folder with {LORA_WEIGHT_NAME} or a .safetensors file)"
-            )
+        file = lora_file(path)
         self._check_lora_family(path, file)
         self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
         self.denoiser.set_adapter(adapter_name)
