@@ -128,6 +128,13 @@ def test_batch_order_is_a_seeded_sharded_permutation():
     assert len(a) == len(b) == 2 and not set(sum(a, [])) & set(sum(b, []))
     assert a == batch_order(10, 2, seed=0, epoch=0, rank=0, world=2)
     assert a != batch_order(10, 2, seed=0, epoch=1, rank=0, world=2)
+    # world-size invariance: the global batch of every step holds the same examples; together the ranks cover
+    # the epoch once (12 examples, 3 processes x 2 = 1 process x 6), the shards disjoint
+    one = batch_order(12, 6, seed=3, epoch=1, rank=0, world=1)
+    three = [batch_order(12, 2, seed=3, epoch=1, rank=r, world=3) for r in range(3)]
+    for step, batch in enumerate(one):
+        assert sum((three[r][step] for r in range(3)), []) == batch
+    assert sorted(i for r in three for b in r for i in b) == list(range(12))
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from visalign.config import config_to_dict, field, save_config
+from visalign.distributed import process_state
 from visalign.errors import ConfigError, VisalignError
 
 
@@ -61,7 +62,9 @@ class TrainConfig:
     adam_beta2: float = field(0.999, help="AdamW beta2")
     adam_epsilon: float = field(1e-8, help="AdamW epsilon")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables clipping)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision of the forward pass")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        None, help="autocast precision of the forward pass (default: accelerate launch's or its config's, else no)"
+    )
     gradient_checkpointing: bool = field(False, help="recompute the denoiser's activations in backward (less memory)")
     checkpoint_every: int = field(0, help="save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
@@ -90,8 +93,10 @@ class TrainConfig:
 class Task(Protocol):
     """What an algorithm gives the loop. Optional hooks: ``evaluate(step, out_dir) -> dict``,
     ``export(out_dir, results)``, ``on_step_end(step) -> bool | None`` (``True`` stops training early: the run
-    still saves, evaluates and exports), ``wants_data() -> bool`` (online tasks: ``False`` while the micro-batches
-    still come from their last rollout; the loop then calls ``loss(None)`` without drawing a dataset batch)."""
+    still saves, evaluates and exports), ``set_epoch(epoch)`` (called before ``loss`` on each new batch, so that
+    per-example draws can be seeded by ``(seed, epoch, example index)``), ``wants_data() -> bool`` (online
+    tasks: ``False`` while the micro-batches still come from their last rollout; the loop then calls
+    ``loss(None)`` without drawing a dataset batch)."""
 
     config: TrainConfig
 
@@ -109,11 +114,26 @@ class Task(Protocol):
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """The micro-batches of one epoch on one process: a seeded permutation, sharded by rank, last partial dropped."""
+    """The micro-batches of one epoch on one process.
+
+    A seeded permutation of the epoch is cut into global batches of ``batch_size * world`` (the last partial one
+    dropped); process ``rank`` takes the ``rank``-th slice of each. So the examples of every global batch, and the
+    ranks together, are the same whatever the number of processes: one process with batch ``4`` sees what two
+    with batch ``2`` see between them, each example once per epoch, the shards disjoint.
+    """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-    per_rank = len(perm) // world
-    mine = perm[rank * per_rank : (rank + 1) * per_rank]
-    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+    span = batch_size * world
+    return [perm[g + rank * batch_size : g + (rank + 1) * batch_size] for g in range(0, n - span + 1, span)]
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"``: this process's own device as accelerate assigns it (``cuda:LOCAL_RANK`` under ``accelerate
+    launch`` or ``torchrun`` on GPUs, else the CPU); anything else is taken as given."""
+    if device != "auto":
+        return device
+    from visalign.distributed import process_state
+
+    return str(process_state().device)
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -157,6 +177,7 @@ class Trainer:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=False)
+        process_state()  # the process group, CPU groups included, before the Accelerator reads it
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.out / "logs")
         )
@@ -317,6 +338,7 @@ class Trainer:
         )
         results: dict[str, float] = {}
         wants_data = getattr(self.task, "wants_data", None)
+        set_epoch = getattr(self.task, "set_epoch", None)
         epoch, position = self.epoch, self.position
         evaluated = None  # the results of an evaluation at the step the loop ended on
         while self.step < cfg.max_steps:
@@ -324,6 +346,8 @@ class Trainer:
             for micro in range(cfg.gradient_accumulation_steps):
                 if wants_data is None or wants_data():
                     epoch, position, batch = next(batches)
+                    if set_epoch is not None:
+                        set_epoch(epoch)
                 else:  # an online task trains on its last rollout: the data position does not move
                     batch = None
                 with acc.autocast():

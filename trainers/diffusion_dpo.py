@@ -21,14 +21,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from trainers.base import TrainConfig, write_model_card
+from trainers.base import TrainConfig, resolve_device, write_model_card
 from visalign import losses
 from visalign.config import field
 from visalign.errors import ConfigError
 from visalign.models import cat_cond
+from visalign.seeding import example_generators
 
 
 def parse_params(text: str | None) -> dict[str, float | str]:
@@ -64,7 +66,16 @@ class DiffusionDPOConfig(TrainConfig):
     dtype: str = field("fp32", help="frozen weights dtype: fp32, fp16 or bf16 (LoRA weights stay fp32)")
     device: str = field("auto", help="cpu, cuda or auto")
     attention: str = field("sdpa", help="attention backend: sdpa or xformers")
+    split: str = field("train", help="dataset split to train on (hub datasets and saved DatasetDicts)")
+    max_train_samples: int | None = field(None, help="train on the first N pairs only (after dropping ties)")
+    random_flip: bool = field(
+        False, help="mirror each pair left-right with probability 1/2 per visit (the cache keeps both orientations)"
+    )
+    cache: Literal["disk", "none"] = field(
+        "disk", help="disk: encode latents and text once into sharded files read memory-mapped; none: every batch"
+    )
     cache_dir: str | None = field(None, help="latent cache folder (default: OUTPUT_DIR/../.cache/latents)")
+    cache_shard_size: int = field(1024, help="pairs per cache shard (a killed build resumes shard by shard)")
     eval_prompts: str | None = field(None, help="prompts to sample at evaluation (.txt/.jsonl; default: none)")
     eval_samples: int = field(16, help="samples per evaluation (seeds eval_seed..eval_seed+n-1)")
     eval_seed: int | None = field(None, help="seed of the first evaluation sample (default: --seed)")
@@ -87,6 +98,10 @@ class DiffusionDPOConfig(TrainConfig):
             raise ConfigError(
                 f"need 0 <= timestep_min < timestep_max <= 1000, got {self.timestep_min}, {self.timestep_max}"
             )
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
+        if self.cache_shard_size < 1:
+            raise ConfigError(f"cache_shard_size must be >= 1, got {self.cache_shard_size}")
         if self.offload_reference and not self.full_finetune:
             raise ConfigError("offload_reference needs --full_finetune (LoRA uses the base itself as reference)")
 
@@ -123,14 +138,16 @@ class DiffusionDPO:
     """The Diffusion-DPO / Flow-DPO task for :class:`trainers.base.Trainer`."""
 
     def __init__(self, config: DiffusionDPOConfig, model=None):
-        from visalign.data import encode_pairs, load_preference_data
+        from visalign.cache import encode_pairs
+        from visalign.data import load_preference_data
         from visalign.models import load_model
 
         self.config = cfg = config
+        self.epoch = 0  # set by the loop (set_epoch): per-example draws are seeded by (seed, epoch, index)
         torch.manual_seed(cfg.seed)  # the LoRA initialisation is part of the run's seeded state
         self.objective = losses.build(cfg.loss, beta=cfg.beta, **parse_params(cfg.loss_params))
         self.needs_reference = bool(self.objective.inputs & {"chosen_logratios", "rejected_logratios"})
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(cfg.device)
         self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
         if cfg.full_finetune:
             if self.needs_reference:
@@ -145,44 +162,82 @@ class DiffusionDPO:
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
         resolution = cfg.resolution or self.model.default_resolution
-        self.pairs = load_preference_data(cfg.data, resolution=resolution, num_frames=cfg.num_frames)
+        self.pairs = load_preference_data(cfg.data, resolution=resolution, num_frames=cfg.num_frames,
+                                          split=cfg.split, limit=cfg.max_train_samples)  # fmt: skip
         if self.pairs.video != self.model.is_video:
             kind = "videos" if self.pairs.video else "images"
             raise ConfigError(f"{cfg.data} holds {kind} but {cfg.model} is a {self.model.family} model")
-        cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / ".cache" / "latents")
-        self.encoded = encode_pairs(self.model, self.pairs, cache, progress=cfg.progress)
+        self.encoded = None
+        if cfg.cache == "disk":
+            cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / ".cache" / "latents")
+            self.encoded = encode_pairs(self.model, self.pairs, cache, shard_size=cfg.cache_shard_size,
+                                        flip=cfg.random_flip, progress=cfg.progress)  # fmt: skip
 
     # ----------------------------------------------------------------- Task protocol
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.params
 
     def train_dataset(self):
-        return self.encoded
+        return self.pairs if self.encoded is None else self.encoded
 
     def collate(self, rows):
-        return self.encoded.collate(rows)
+        return self.train_dataset().collate(rows)
 
-    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps, redrawn until inside ``[timestep_min, timestep_max)`` (segment training)."""
         cfg = self.config
-        t = self.model.sample_timesteps(batch_size)
+        t = self.model.sample_timesteps(batch_size, generator=generator)
         if cfg.timestep_min <= 0 and cfg.timestep_max >= 1000:
             return t
         for _ in range(1000):
             bad = (t < cfg.timestep_min) | (t >= cfg.timestep_max)
             if not bad.any():
                 return t
-            t = torch.where(bad, self.model.sample_timesteps(batch_size), t)
+            t = torch.where(bad, self.model.sample_timesteps(batch_size, generator=generator), t)
         raise ConfigError(f"could not draw timesteps in [{cfg.timestep_min}, {cfg.timestep_max})")
 
+    def latents(self, batch, flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Winner and loser latents and the conditioning of a batch: read from the cache, or (``cache none``)
+        encoded now with the same per-row posterior draws the cache would have stored."""
+        from visalign.cache import encode_media, flip_media
+
+        model, mask = self.model, torch.tensor(flips, dtype=torch.bool)
+        if self.encoded is not None:
+            pick = [(k, k + "_flip") for k in ("chosen", "rejected")]
+            out = [torch.where(mask.view(-1, *[1] * (batch[a].ndim - 1)), batch[b], batch[a]) if any(flips)
+                   else batch[a] for a, b in pick]  # fmt: skip
+            return out[0], out[1], batch["cond"]
+        rows = [self.pairs.source_row(int(i)) for i in batch["index"]]
+        out = []
+        with torch.no_grad():
+            for key in ("chosen", "rejected"):
+                media = batch[key]
+                z = encode_media(model, media, rows, 0, key)
+                if any(flips):
+                    zf = encode_media(model, flip_media(media[mask]), [r for r, f in zip(rows, flips) if f], 0,
+                                      key + "_flip")  # fmt: skip
+                    z[mask.to(z.device)] = zf
+                out.append(z)
+            cond = model.encode_prompt(batch["prompt"])
+        return out[0], out[1], cond
+
     def errors(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample errors ``[2B]`` (chosen then rejected) of the policy and, if needed, the reference."""
-        model = self.model
-        chosen = batch["chosen"].to(model.device, model.dtype)
-        rejected = batch["rejected"].to(model.device, model.dtype)
-        cond = {k: v.to(model.device, model.dtype) for k, v in batch["cond"].items()}
-        noise = torch.randn_like(chosen)  # shared by winner and loser (Eq. 14)
-        t = self.sample_timesteps(chosen.shape[0])
+        """Per-sample errors ``[2B]`` (chosen then rejected) of the policy and, if needed, the reference.
+
+        Every draw of an example (flip, noise, timestep) comes from a generator seeded by (seed, epoch, example
+        index), so the same example gets the same draws whatever the batch size or number of processes."""
+        model, cfg = self.model, self.config
+        gens = example_generators(cfg.seed, batch["index"].tolist(), "dpo", self.epoch)
+        flips = [bool(torch.randint(2, (1,), generator=g)) if cfg.random_flip else False for g in gens]
+        chosen, rejected, cond = self.latents(batch, flips)
+        chosen, rejected = chosen.to(model.device, model.dtype), rejected.to(model.device, model.dtype)
+        cond = {k: v.to(model.device, model.dtype) for k, v in cond.items()}
+        shape = chosen.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(model.device, model.dtype)
+        t = torch.cat([self.sample_timesteps(1, g) for g in gens])  # noise shared by winner and loser (Eq. 14)
         x0, eps, tt, cc = (
             torch.cat([chosen, rejected]),
             torch.cat([noise, noise]),

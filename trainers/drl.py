@@ -204,10 +204,11 @@ class DRL(GRPO):
         cfg = self.config
         if not cfg.disc_refit_every:
             return ro
-        from accelerate import PartialState
         from accelerate.utils import gather
 
-        new = gather(self.features(ro.pixels).to(PartialState().device)).cpu()
+        from visalign.distributed import process_state
+
+        new = gather(self.features(ro.pixels).to(process_state().device)).cpu()
         self._fakes = new if self._fakes is None else torch.cat([self._fakes, new])[-cfg.disc_samples :]
         if self.rollouts % cfg.disc_refit_every == 0:
             device = self.reward.device

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from trainers.base import TrainingError, write_model_card
+from trainers.base import TrainingError, resolve_device, write_model_card
 from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's options and presets)
     PRESETS,
     SAMPLER_NOISE_ARG,
@@ -54,6 +54,7 @@ from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's op
     toy_flow_clip,
 )
 from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
+from visalign.distributed import process_state
 from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
 from visalign.samplers import get_sampler
@@ -124,15 +125,13 @@ class GRPO:
     """The GRPO task for :class:`trainers.base.Trainer` (an online task: ``wants_data`` / ``loss(None)``)."""
 
     def __init__(self, config: GRPOConfig, model=None, reward=None):
-        from accelerate import PartialState
-
         from visalign.evaluation import read_prompts
         from visalign.models import load_model
         from visalign.monitors import RewardHackingMonitor
 
         self.config = cfg = config
         torch.manual_seed(cfg.seed)  # the LoRA initialisation is part of the run's seeded state
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(cfg.device)
         self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
         self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
         if cfg.gradient_checkpointing:
@@ -149,7 +148,7 @@ class GRPO:
         self.text = TextCache(self.model, cfg.negative_prompt, self.model.uses_cfg(self.guidance))
         self.tracker = PromptStatTracker(cfg.advantage_history, global_std=cfg.advantage_std == "batch") if (
             cfg.advantage_history) else None  # fmt: skip
-        self.rank = PartialState().process_index
+        self.rank = process_state().process_index
         self.queue: collections.deque = collections.deque()
         self.rollouts = 0  # rollouts done (seeds the next one)
         self.micro = 0  # micro-batches trained

@@ -121,8 +121,9 @@ class LLMPreferenceTask:
     """
 
     def __init__(self, config: LLMPreferenceConfig, *, model=None, tokenizer=None):
-        from accelerate import PartialState
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from visalign.distributed import process_state
 
         self.config = cfg = config
         self.objective = cfg.objective()
@@ -130,7 +131,7 @@ class LLMPreferenceTask:
         required = {i for s in self.objective.specs for i in s.inputs}
         self.needs_reference = bool(required & REFERENCE_INPUTS)
         self.needs_kl = "kl_logratios" in required
-        self.device = PartialState().device
+        self.device = process_state().device
         self.tokenizer = tokenizer if tokenizer is not None else _load(AutoTokenizer, cfg.tokenizer or cfg.model)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token is None:

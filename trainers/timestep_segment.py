@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from trainers.base import Trainer, write_model_card
+from trainers.base import Trainer, resolve_device, write_model_card
 from trainers.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from visalign.config import field, save_config
 from visalign.errors import ConfigError
@@ -111,7 +109,7 @@ class TimestepSegment:
         from visalign.models import load_model
 
         self.config = cfg = config
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(cfg.device)
         self.model = model or load_model(cfg.model, device=device, dtype=cfg.dtype, attention=cfg.attention)
         if cfg.interval_units == "sigma" and not self.model.is_flow:
             raise ConfigError(

@@ -9,10 +9,11 @@ Sources, all read into one schema (a :class:`PreferencePair` per row: ``prompt``
 * any of these as a Hugging Face dataset id, a ``save_to_disk`` folder, ``.parquet``, ``.jsonl`` or a
   ``datasets.Dataset``. Videos are files (``.mp4``/``.gif``) or folders of frames.
 
-Every row is checked when loaded; a bad row raises :class:`DataError` naming the source, the row and the
-column. Decoded media are checked when read (corrupt file, sizes that differ within a pair).
-:func:`encode_pairs` encodes each pair's latents and each unique prompt's conditioning once and caches them on
-disk under a key of model, resolution and data, so training never re-encodes per epoch.
+Nothing holds the whole dataset: JSON lines are indexed by byte offset, everything else is an Arrow-backed
+``datasets.Dataset`` (memory-mapped), and a row is read, checked and decoded only when it is used. Labels are
+checked for every row when the data is opened (they decide which rows are pairs); a row with a missing value,
+a missing file or media that do not decode raises :class:`DataError` naming the source, the row and the column
+when it is reached. :mod:`visalign.cache` encodes pairs into sharded latents on disk.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import VisalignError
@@ -35,7 +35,6 @@ from .errors import VisalignError
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
-CACHE_VERSION = 1
 
 
 class DataError(VisalignError):
@@ -52,47 +51,156 @@ class PreferencePair:
 
 
 # ----------------------------------------------------------------------------------------------- reading rows
-def read_rows(source) -> tuple[list[dict], str, Path | None]:
-    """Rows as dicts, a name for messages, and the folder that relative media paths start from.
+class JsonlRows:
+    """The rows of a JSON-lines file, read on demand: one pass at open records each row's byte offset (8 bytes a
+    row) and checks that every line parses; a row is parsed again only when it is read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        offsets, lines, columns = [], [], None
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            pos = 0
+            for i, line in enumerate(f):
+                h.update(line)
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}: line {i + 1} is not a JSON object")
+                    columns = columns if columns is not None else list(row)
+                    offsets.append(pos)
+                    lines.append(i + 1)
+                pos += len(line)
+        self.offsets, self.lines = np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+        self.column_names = columns or []
+        self.fingerprint = f"jsonl:{path.resolve()}:{h.hexdigest()}"
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> dict:
+        with self.path.open("rb") as f:
+            f.seek(int(self.offsets[i]))
+            return json.loads(f.readline())
+
+    def column(self, name: str) -> list:
+        """One column's values (``None`` where a row lacks it), read in one streaming pass."""
+        with self.path.open("rb") as f:
+            return [json.loads(line).get(name) for line in f if line.strip()]
+
+
+class ArrowRows:
+    """A ``datasets.Dataset``: Arrow tables memory-mapped from disk, so rows (image bytes included) are read only
+    when they are used; one column can be read without the others."""
+
+    def __init__(self, dataset, name: str):
+        self.dataset = dataset
+        self.column_names = list(dataset.column_names)
+        self.fingerprint = f"arrow:{getattr(dataset, '_fingerprint', None) or name}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[int(i)]
+
+    def column(self, name: str) -> list:
+        if name not in self.column_names:
+            return [None] * len(self)
+        return list(self.dataset.select_columns([name]).with_format(None)[name])
+
+
+class ListRows:
+    """Rows the caller already holds in memory (a list of dicts)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = list(rows[0]) if rows else []
+        h = hashlib.sha256()
+        for row in rows:
+            h.update(json.dumps(row, sort_keys=True, default=_digest).encode())
+        self.fingerprint = f"rows:{h.hexdigest()}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def column(self, name: str) -> list:
+        return [row.get(name) for row in self.rows]
+
+
+def _digest(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, torch.Tensor):
+        return hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return repr(value)
+
+
+def _pick_split(data, split: str, name: str):
+    import datasets
+
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in data:
+            raise DataError(f"{name} has no split {split!r}; it has {', '.join(data)} (pass --split)")
+        return data[split]
+    return data
+
+
+def open_rows(source, *, split: str = "train", streaming: bool = False):
+    """The rows of any supported source without reading them all: ``(rows, name, root)``, where ``root`` is the
+    folder relative media paths start from. ``rows`` supports ``len``, indexing and ``column(name)``; with
+    ``streaming`` a hub dataset comes back as a ``datasets.IterableDataset`` instead.
 
     ``datasets`` is imported only for the sources that need it (parquet, saved datasets, hub ids).
     """
     if type(source).__module__.startswith("datasets"):  # a datasets.Dataset, without importing the library
-        return list(source), "dataset", None
+        if hasattr(source, "column_names") and not hasattr(source, "__len__"):
+            return source, "dataset", None  # an IterableDataset
+        return ArrowRows(_pick_split(source, split, "dataset"), "dataset"), "dataset", None
     if isinstance(source, (list, tuple)):
-        return list(source), "rows", None
+        return ListRows(list(source)), "rows", None
     path = Path(source)
     if path.is_file():
         if path.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
-            return rows, str(path), path.parent
+            return JsonlRows(path), str(path), path.parent
         if path.suffix == ".parquet":
             import datasets
 
-            return list(datasets.Dataset.from_parquet(str(path))), str(path), path.parent
+            return ArrowRows(datasets.Dataset.from_parquet(str(path)), str(path)), str(path), path.parent
         raise DataError(f"{path}: unsupported data file; use .jsonl, .parquet, a dataset folder or a hub id")
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (
+            path / "dataset_dict.json"
+        ).exists():
             import datasets
 
-            return list(datasets.load_from_disk(str(path))), str(path), path
+            data = _pick_split(datasets.load_from_disk(str(path)), split, str(path))
+            return ArrowRows(data, str(path)), str(path), path
         for name in ("pairs.jsonl", "data.jsonl", "train.jsonl"):
             if (path / name).exists():
-                return read_rows(path / name)
+                return open_rows(path / name)
         raise DataError(f"{path}: no pairs.jsonl, data.jsonl or saved dataset in this folder")
     import datasets
 
     try:
-        return list(datasets.load_dataset(str(source), split="train")), str(source), None
+        data = datasets.load_dataset(str(source), split=split, streaming=streaming)
     except Exception as e:
-        raise DataError(f"preference data {source!r} not found: not a file, folder or reachable dataset id") from e
+        raise DataError(
+            f"preference data {source!r} (split {split!r}) not found: not a file, folder or reachable dataset id ({e})"
+        ) from e
+    return (data if streaming else ArrowRows(data, str(source))), str(source), None
+
+
+def read_rows(source) -> tuple[list[dict], str, Path | None]:
+    """Every row as a dict (for small text datasets; preference media go through :func:`open_rows`)."""
+    rows, name, root = open_rows(source)
+    return [rows[i] for i in range(len(rows))], name, root
 
 
 def _check_label(value, where: str) -> float:
@@ -105,46 +213,52 @@ def _check_label(value, where: str) -> float:
     return label
 
 
-def rows_to_pairs(
-    rows: list[dict], name: str, root: Path | None, *, drop_ties: bool = True, soft_labels: bool = False
-) -> list[PreferencePair]:
-    """Validate rows and turn them into pairs (winner first). ``soft_labels`` keeps fractional labels."""
-    if not rows:
+def select_pairs(rows, name: str, *, drop_ties: bool = True, soft_labels: bool = False):
+    """Which rows are pairs and how to orient them, from the label column alone (media are not read).
+
+    Returns ``(schema, kept, labels)``: ``"pickapic"`` or ``"pairs"``, the source row of each pair, and the
+    probability that the row's first image (``jpg_0`` or ``chosen``) is preferred. Labels are checked here, every
+    row, naming the row; the other columns are checked when a row is read.
+    """
+    if len(rows) == 0:
         raise DataError(f"{name}: the dataset is empty")
-    first = rows[0]
-    pickapic = all(c in first for c in PICKAPIC_COLUMNS)
+    pickapic = all(c in rows.column_names for c in PICKAPIC_COLUMNS)
     required = PICKAPIC_COLUMNS if pickapic else PAIR_COLUMNS
-    pairs = []
-    for i, row in enumerate(rows):
+    for c in required:
+        if c not in rows.column_names:
+            raise DataError(f"{name}: row 0 has no column {c!r} (expected columns: {', '.join(required)})")
+    column = "label_0" if pickapic else "label"
+    values = rows.column(column)
+    labels = np.empty(len(values), dtype=np.float64)
+    for i, value in enumerate(values):
         where = f"{name}: row {i}"
-        missing = [c for c in required if c not in row or row[c] is None]
-        if missing:
-            raise DataError(f"{where} has no column {missing[0]!r} (expected columns: {', '.join(required)})")
-        if pickapic:
-            prompt, a, b = row["caption"], row["jpg_0"], row["jpg_1"]
-            label0 = _check_label(row["label_0"], where)
-            if label0 not in (0.0, 0.5, 1.0) and not soft_labels:
-                raise DataError(f"{where}: label_0 must be 0, 0.5 or 1, got {label0}")
-            if label0 == 0.5 and drop_ties:
-                continue
-            chosen, rejected, label = (a, b, label0) if label0 >= 0.5 else (b, a, 1 - label0)
-        else:
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            label = _check_label(row.get("label", 1.0), where)
-            if label < 0.5:
-                chosen, rejected, label = rejected, chosen, 1 - label
-            if label == 0.5 and drop_ties:
-                continue
-            if not soft_labels and label not in (0.5, 1.0):
-                raise DataError(f"{where}: label must be 0, 0.5 or 1 (or pass soft_labels), got {row['label']}")
-        if not isinstance(prompt, str):
-            raise DataError(f"{where}: prompt must be a string, got {type(prompt).__name__}")
-        chosen, rejected = (_resolve(m, root, where) for m in (chosen, rejected))
-        meta = {k: v for k, v in row.items() if k not in (*required, "label") and _jsonable(v)}
-        pairs.append(PreferencePair(prompt, chosen, rejected, label, meta or None))
-    if not pairs:
+        if value is None:
+            if pickapic:
+                raise DataError(f"{where} has no column 'label_0' (expected columns: {', '.join(required)})")
+            value = 1.0
+        label = labels[i] = _check_label(value, where)
+        if not soft_labels and label not in (0.0, 0.5, 1.0):
+            what = "label_0" if pickapic else "label"
+            raise DataError(f"{where}: {what} must be 0, 0.5 or 1 (or pass soft_labels), got {value}")
+    kept = np.flatnonzero(labels != 0.5) if drop_ties else np.arange(len(labels))
+    if len(kept) == 0:
         raise DataError(f"{name}: no pairs left after dropping ties")
-    return pairs
+    return ("pickapic" if pickapic else "pairs"), kept, labels
+
+
+def _row_to_pair(row: dict, schema: str, label: float, root: Path | None, where: str) -> PreferencePair:
+    required = PICKAPIC_COLUMNS if schema == "pickapic" else PAIR_COLUMNS
+    missing = [c for c in required if row.get(c) is None]
+    if missing:
+        raise DataError(f"{where} has no column {missing[0]!r} (expected columns: {', '.join(required)})")
+    prompt, first, second = (row["caption"], row["jpg_0"], row["jpg_1"]) if schema == "pickapic" else (
+        row["prompt"], row["chosen"], row["rejected"])  # fmt: skip
+    chosen, rejected, label = (first, second, label) if label >= 0.5 else (second, first, 1 - label)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: prompt must be a string, got {type(prompt).__name__}")
+    chosen, rejected = (_resolve(m, root, where) for m in (chosen, rejected))
+    meta = {k: v for k, v in row.items() if k not in (*required, "label") and _jsonable(v)}
+    return PreferencePair(prompt, chosen, rejected, label, meta or None)
 
 
 def _jsonable(v) -> bool:
@@ -223,54 +337,71 @@ def is_video(media) -> bool:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Decoded preference pairs: ``{"prompt", "chosen", "rejected", "label", "index"}`` with media in [0, 1]."""
+    """Preference pairs read and decoded on demand: ``{"prompt", "chosen", "rejected", "label", "index"}`` with
+    media in [0, 1]. Only the row index (8 bytes a pair) is held in memory; a row is read, checked and decoded
+    when it is used, in the DataLoader's workers when there are some, and a bad one names its source row."""
 
     def __init__(
         self,
-        pairs: list[PreferencePair],
+        rows,
         *,
+        name: str = "data",
+        root: Path | None = None,
         resolution: int | None = None,
         num_frames: int | None = None,
-        name: str = "data",
+        drop_ties: bool = True,
+        soft_labels: bool = False,
+        max_samples: int | None = None,
     ):
-        self.pairs, self.resolution, self.num_frames, self.name = pairs, resolution, num_frames, name
-        self.video = is_video(pairs[0].chosen)
+        self.rows, self.name, self.root = rows, name, root
+        self.resolution, self.num_frames = resolution, num_frames
+        self.schema, kept, self.labels = select_pairs(rows, name, drop_ties=drop_ties, soft_labels=soft_labels)
+        self.kept = kept[:max_samples] if max_samples else kept
+        self.video = is_video(self.pair(0).chosen)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.kept)
 
-    def media(self, index: int, which: str) -> torch.Tensor:
-        where = f"{self.name}: row {index} ({which})"
-        ref = getattr(self.pairs[index], which)
+    def source_row(self, index: int) -> int:
+        return int(self.kept[index])
+
+    def pair(self, index: int) -> PreferencePair:
+        """Pair ``index`` (winner first), its row checked; media not decoded."""
+        row = self.source_row(index)
+        return _row_to_pair(self.rows[row], self.schema, float(self.labels[row]), self.root, f"{self.name}: row {row}")
+
+    def media(self, index: int, which: str, pair: PreferencePair | None = None) -> torch.Tensor:
+        where = f"{self.name}: row {self.source_row(index)} ({which})"
+        ref = getattr(pair or self.pair(index), which)
         if self.video:
             return load_video(ref, self.resolution, self.num_frames, where)
         return load_image(ref, self.resolution, where)
 
     def __getitem__(self, index: int) -> dict:
-        pair = self.pairs[index]
-        chosen, rejected = self.media(index, "chosen"), self.media(index, "rejected")
+        pair = self.pair(index)
+        chosen, rejected = self.media(index, "chosen", pair), self.media(index, "rejected", pair)
         if chosen.shape != rejected.shape:
             raise DataError(
-                f"{self.name}: row {index}: chosen is {tuple(chosen.shape)} but rejected is {tuple(rejected.shape)}; "
-                "a pair must share one size (set a resolution to resize both)"
+                f"{self.name}: row {self.source_row(index)}: chosen is {tuple(chosen.shape)} but rejected is "
+                f"{tuple(rejected.shape)}; a pair must share one size (set a resolution to resize both)"
             )
         return {"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, "label": pair.label, "index": index}
 
+    @staticmethod
+    def collate(rows: list[dict]) -> dict:
+        return {
+            "prompt": [r["prompt"] for r in rows],
+            "chosen": torch.stack([r["chosen"] for r in rows]),
+            "rejected": torch.stack([r["rejected"] for r in rows]),
+            "label": torch.tensor([r["label"] for r in rows], dtype=torch.float32),
+            "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+        }
+
     def fingerprint(self) -> str:
-        """A hash of the rows (prompts, labels, media paths with sizes and times, or media bytes)."""
-        h = hashlib.sha256()
-        for p in self.pairs:
-            h.update(json.dumps([p.prompt, p.label]).encode())
-            for m in (p.chosen, p.rejected):
-                if isinstance(m, Path):
-                    st = m.stat()
-                    h.update(f"{m.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-                elif isinstance(m, (bytes, bytearray)):
-                    h.update(hashlib.sha256(m).digest())
-                elif isinstance(m, torch.Tensor):
-                    h.update(m.detach().cpu().contiguous().numpy().tobytes())
-                else:
-                    h.update(repr(m).encode())
+        """A hash of the source (the file's bytes, or the Arrow dataset's fingerprint), the pairs kept and the
+        decoding settings; media files named by path are not read (write new files rather than editing them)."""
+        h = hashlib.sha256(self.rows.fingerprint.encode())
+        h.update(np.ascontiguousarray(self.kept).tobytes())
         h.update(f"{self.resolution}:{self.num_frames}".encode())
         return h.hexdigest()[:16]
 
@@ -283,11 +414,13 @@ def load_preference_data(
     drop_ties: bool = True,
     soft_labels: bool = False,
     limit: int | None = None,
+    split: str = "train",
 ) -> PreferenceDataset:
-    """Read and validate preference pairs from any supported source (see the module docstring)."""
-    rows, name, root = read_rows(source)
-    pairs = rows_to_pairs(rows[:limit] if limit else rows, name, root, drop_ties=drop_ties, soft_labels=soft_labels)
-    return PreferenceDataset(pairs, resolution=resolution, num_frames=num_frames, name=name)
+    """Open and check preference pairs from any supported source (see the module docstring); ``limit`` keeps the
+    first pairs only (``--max_train_samples``)."""
+    rows, name, root = open_rows(source, split=split)
+    return PreferenceDataset(rows, name=name, root=root, resolution=resolution, num_frames=num_frames,
+                             drop_ties=drop_ties, soft_labels=soft_labels, max_samples=limit)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -330,134 +463,3 @@ class PreferenceWriter:
                 f.flush()
                 os.fsync(f.fileno())
         return row
-
-
-# ----------------------------------------------------------------------------------------------- encoded cache
-class EncodedPairs(torch.utils.data.Dataset):
-    """Cached latents of each pair and conditioning of each unique prompt.
-
-    Items: ``{"chosen": latents, "rejected": latents, "cond": {name: tensor}, "label": float, "prompt": str}``.
-    """
-
-    def __init__(
-        self,
-        latents_c: torch.Tensor,
-        latents_r: torch.Tensor,
-        prompt_index: torch.Tensor,
-        conds: dict[str, torch.Tensor],
-        prompts: list[str],
-        labels: torch.Tensor,
-    ):
-        self.latents_c, self.latents_r, self.prompt_index = latents_c, latents_r, prompt_index
-        self.conds, self.prompts, self.labels = conds, prompts, labels
-
-    def __len__(self) -> int:
-        return self.latents_c.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        p = int(self.prompt_index[i])
-        return {
-            "chosen": self.latents_c[i],
-            "rejected": self.latents_r[i],
-            "cond": {k: v[p] for k, v in self.conds.items()},
-            "label": float(self.labels[i]),
-            "prompt": self.prompts[p],
-        }
-
-    @staticmethod
-    def collate(rows: list[dict]) -> dict:
-        return {
-            "chosen": torch.stack([r["chosen"] for r in rows]),
-            "rejected": torch.stack([r["rejected"] for r in rows]),
-            "cond": {k: torch.stack([r["cond"][k] for r in rows]) for k in rows[0]["cond"]},
-            "label": torch.tensor([r["label"] for r in rows], dtype=torch.float32),
-            "prompt": [r["prompt"] for r in rows],
-        }
-
-
-def cache_key(model, dataset: PreferenceDataset) -> str:
-    """Changes when the model (source, family, VAE and text encoders' configs), resolution or data change."""
-    parts = {
-        "version": CACHE_VERSION,
-        "family": model.family,
-        "source": str(model.source),
-        "vae": dict(model.vae.config),
-        "dtype": str(model.dtype),
-        "data": dataset.fingerprint(),
-    }
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        component = getattr(model.pipe, name, None)
-        if component is not None:
-            parts[name] = (
-                component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
-            )
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def encode_pairs(
-    model,
-    dataset: PreferenceDataset,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> EncodedPairs:
-    """Encode every pair's media and every unique prompt once; load from ``cache_dir`` when already there.
-
-    The VAE posterior is sampled with a generator seeded per row, so a cache built twice is identical.
-    """
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
-    target = Path(cache_dir) / cache_key(model, dataset) if cache_dir is not None else None
-    if target is not None and (target / "meta.json").exists():
-        meta = json.loads((target / "meta.json").read_text())
-        t = load_file(target / "latents.safetensors")
-        conds = load_file(target / "cond.safetensors")
-        return EncodedPairs(t["chosen"], t["rejected"], t["prompt_index"], conds, meta["prompts"], t["labels"])
-    prompts = sorted({p.prompt for p in dataset.pairs})
-    index = {p: i for i, p in enumerate(prompts)}
-    chunks_c, chunks_r = [], []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(dataset), batch_size), desc="encoding pairs", disable=not progress):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            for key, out in (("chosen", chunks_c), ("rejected", chunks_r)):
-                media = torch.stack([it[key] for it in items]).to(model.device, torch.float32)
-                g = torch.Generator(device=model.device).manual_seed(seed * 7919 + start * 2 + (key == "rejected"))
-                out.append(model.encode(media, generator=g).float().cpu())
-        cond_chunks: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(prompts), batch_size):
-            for k, v in model.encode_prompt(prompts[start : start + batch_size]).items():
-                cond_chunks.setdefault(k, []).append(v.float().cpu())
-    conds = {k: torch.cat(v) for k, v in cond_chunks.items()}
-    latents_c, latents_r = torch.cat(chunks_c), torch.cat(chunks_r)
-    prompt_index = torch.tensor([index[p.prompt] for p in dataset.pairs])
-    labels = torch.tensor([p.label for p in dataset.pairs], dtype=torch.float32)
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            save_file(
-                {
-                    "chosen": latents_c.contiguous(),
-                    "rejected": latents_r.contiguous(),
-                    "prompt_index": prompt_index,
-                    "labels": labels,
-                },
-                tmp / "latents.safetensors",
-            )
-            save_file({k: v.contiguous() for k, v in conds.items()}, tmp / "cond.safetensors")
-            (tmp / "meta.json").write_text(
-                json.dumps({"prompts": prompts, "n": len(dataset), "source": str(model.source)})
-            )
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                # another process (a second run on the same data) published this cache entry first: same key,
-                # same content, so keep theirs
-                if not (target / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return EncodedPairs(latents_c, latents_r, prompt_index, conds, prompts, labels)
