@@ -10,8 +10,8 @@ sample with the oracle, and writes three preference datasets (the schema ``visal
   so the pair teaches colour fidelity, not layout.
 * ``union/``: both sets together (the baseline: one LoRA trained by DPO on everything).
 
-``table`` prints a ``visalign evaluate`` report as a Markdown table. The whole experiment (README, "Timestep-
-segment experts"):
+``table`` prints a ``visalign evaluate`` report as a Markdown table. The whole experiment
+(docs/experiments/timestep_segment.md):
 
     python benchmarks/timestep_segment_toy.py pairs --model assets/toyworld/toy-sd --out outputs/tseg/data
     visalign train timestep-segment --model assets/toyworld/toy-sd ...   # layout on [600, 1000), fidelity [0, 600)

@@ -1,4 +1,4 @@
-"""Reward models behind one protocol and one registry (DESIGN.md, "reward_models/ — one protocol").
+"""Reward models behind one protocol and one registry (docs/design.md, "Rewards: one protocol").
 
 ```
 from reward_models import build_reward, list_rewards

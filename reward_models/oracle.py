@@ -1,6 +1,6 @@
 """``oracle``: the shapes world's exact judge as a reward (evaluation only; not differentiable).
 
-Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (TOYWORLD.md).
+Wraps :func:`visalign.toyworld.judge_images` / :func:`~visalign.toyworld.judge_videos` (docs/shapes_world.md).
 ``score="strict"`` (default): 1 when every attribute the caption names is right, else 0; ``score="partial"``:
 the fraction of the named attributes that are right (images: colour, shape and position when named; videos:
 colour, shape, direction and temporal consistency); ``score="dense"``: the partial score with shape as a credit

@@ -1,4 +1,4 @@
-"""Imports flow one way: apps -> trainers -> reward_models -> visalign (DESIGN.md)."""
+"""Imports flow one way: apps -> trainers -> reward_models -> visalign (docs/design.md)."""
 
 from __future__ import annotations
 

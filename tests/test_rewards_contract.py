@@ -1,4 +1,4 @@
-"""One contract over every registered reward, built at tiny size with random weights (DESIGN.md protocol).
+"""One contract over every registered reward, built at tiny size with random weights (the protocol of docs/design.md).
 
 For each entry of ``list_rewards()``: scores of shape (B,), float32, finite where valid; the same scores at
 batch size 1 and 8; weights dtype and device honoured (scores stay float32 on the media's device);

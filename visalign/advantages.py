@@ -228,7 +228,8 @@ def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor | float) -> Ten
     """KL between two Gaussian SDE steps with one std: ``mean((mu - mu_ref)^2) / (2 std^2)`` per sample.
 
     The exact ``KL(N(mu, s^2) || N(mu_ref, s^2))`` per element, averaged over non-batch dims (Flow-GRPO's KL
-    term, Liu et al. 2025; ALGORITHMS.md says which std the flow sampler passes).
+    term, Liu et al. 2025; GRPO passes the sampler's noise scale as ``std``, as :func:`visalign.sde.kl_to_reference`
+    explains).
 
     Args:
         mean, mean_ref: ``[B, ...]`` step means of policy and reference (no gradient for the reference).

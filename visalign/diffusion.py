@@ -1,7 +1,7 @@
 """The family-agnostic training view of a denoiser.
 
 Pure tensor functions shared by every model family: noising, prediction targets and the per-sample
-denoising error that the preference losses turn into log-ratios (DESIGN.md: ``r = -1/2 (e_theta - e_ref)``).
+denoising error that the preference losses turn into log-ratios (docs/design.md: ``r = -1/2 (e_theta - e_ref)``).
 
 Timestep convention: every family speaks the scheduler's own units, ``t in [0, T)`` with ``T`` the number
 of training timesteps (1000 for all released models). For flow-matching families ``t = sigma * T``, as in

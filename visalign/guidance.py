@@ -8,7 +8,7 @@ score ``decode(x0_hat)`` and the gradient of their weighted sum with respect to 
 is added to the step, so each step moves the sample toward higher reward:
 
 * flow families (SD3, FLUX, Wan): ``v' = v - g``. The Euler step ``x' = x + (sigma' - sigma) v`` then gains
-  ``(sigma - sigma') g``: "add w * grad R to the velocity" of ALGORITHMS.md, with the sign that raises the reward
+  ``(sigma - sigma') g``: Flow-NRG's "add w * grad R to the velocity", with the sign that raises the reward
   along the sampler's direction of travel (``x0_hat = x_t - sigma v``, so ``d x0_hat / d x_t = 1``).
 * DDIM families (SD1.5, SDXL, CogVideoX): classifier guidance on the noise estimate (Dhariwal & Nichol 2021),
   ``eps' = eps - sqrt(1 - abar_t) g``; for v-prediction the same change expressed in v

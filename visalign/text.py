@@ -1,6 +1,6 @@
 """Text preference data and log-probs for causal LMs: TRL-format rows tokenized once, completion-token sums.
 
-The text side of the log-ratio convention (DESIGN.md): ``r = sum_t log pi(y_t | x, y_<t) - (same under the
+The text side of the log-ratio convention (docs/design.md): ``r = sum_t log pi(y_t | x, y_<t) - (same under the
 reference)`` over completion tokens, prompt tokens masked out. Used by ``trainers/llm_preference.py``.
 """
 

@@ -1,6 +1,6 @@
 """Preference objectives as pure tensor functions on log-ratios, one function per loss, one registry.
 
-Every modality speaks the same convention (DESIGN.md, "One log-ratio convention"): a pairwise loss takes the
+Every modality speaks the same convention (docs/design.md, "One log-ratio convention"): a pairwise loss takes the
 chosen and rejected **log-ratios** ``r_c, r_r`` (policy minus reference log-likelihood, one value per sample) and
 a strength ``beta``:
 

@@ -11,7 +11,7 @@ from .tensors import _batch, _detach
 
 
 def diffusion_logratios(errors: Tensor, ref_errors: Tensor) -> Tensor:
-    """The log-ratio of a diffusion or flow sample: ``r = -1/2 (e_theta - e_ref)`` (DESIGN.md).
+    """The log-ratio of a diffusion or flow sample: ``r = -1/2 (e_theta - e_ref)`` (docs/design.md).
 
     ``-e/2`` is, up to a constant and a timestep weight absorbed into ``beta``, the ELBO surrogate of
     ``log p(x0)`` (Wallace et al. 2024, Eq. 9-14), so pairwise losses apply to diffusion unchanged.

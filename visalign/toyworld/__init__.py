@@ -1,7 +1,7 @@
 """The shapes world: exact renderers, caption grammar and splits, the oracle, and the toy-model recipes.
 
-See ``TOYWORLD.md`` (the specification) and ``assets/toyworld/README.md`` (the shipped models and their figures).
-Importing this package is light (numpy and torch only); the model recipes import Diffusers lazily.
+See ``docs/shapes_world.md`` (the specification) and ``assets/toyworld/README.md`` (the shipped models and their
+figures). Importing this package is light (numpy and torch only); the model recipes import Diffusers lazily.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""The shapes world's vocabulary, caption grammar and held-in / held-out splits (TOYWORLD.md).
+"""The shapes world's vocabulary, caption grammar and held-in / held-out splits (docs/shapes_world.md).
 
 Images: ``a {color} {shape}`` (18 captions, object anywhere) and ``a {color} {shape} on the {position}``
 (72 captions): 90 in all. Videos: ``a {color} {shape} moving {direction}`` (72 captions).

@@ -1,4 +1,4 @@
-"""The oracle: an exact, programmatic judge of whether an image (or video) matches its caption (TOYWORLD.md).
+"""The oracle: an exact, programmatic judge of whether an image (or video) matches its caption (docs/shapes_world.md).
 
 Images:
 
@@ -15,7 +15,7 @@ held-in and held-out captions separately.
 
 Videos (8 frames of 32x32, component >= 12 px): per-frame colour and shape; direction = sign of the centroid
 displacement from the first to the last frame along the named axis, at least 6 px; temporal consistency =
-the same colour and shape in >= 7 of 8 frames. Where TOYWORLD.md leaves a choice, this module decides:
+the same colour and shape in >= 7 of 8 frames. Where the specification leaves a choice, this module decides:
 a video's ``object`` needs exactly one object in >= 7 frames, its colour (shape) is right when the caption's
 colour (shape) is the most common one over the frames, and ``strict`` needs object, colour, shape,
 direction and consistency.

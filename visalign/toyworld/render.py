@@ -1,4 +1,4 @@
-"""Exact renderers of the shapes world: 64x64 images and 8-frame 32x32 videos (TOYWORLD.md).
+"""Exact renderers of the shapes world: 64x64 images and 8-frame 32x32 videos (docs/shapes_world.md).
 
 Rasterisation samples each pixel at its centre ``(j + 0.5, i + 0.5)`` with no anti-aliasing, so every pixel
 is either the background (240, 240, 240) or the object's palette colour and the oracle's thresholds hold
@@ -210,7 +210,7 @@ def render_videos(
 
 
 # ----------------------------------------------------------------------------------------------- near misses
-# A near-miss square's fill ratio stays in this range: under the oracle's 0.90 for a square (TOYWORLD.md), and
+# A near-miss square's fill ratio stays in this range: under the oracle's 0.90 for a square (docs/shapes_world.md), and
 # near it (a circle's is 0.785)
 NEAR_MISS_FILL = (0.72, 0.88)
 
