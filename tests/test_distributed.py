@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny.launch import cli_args, torchrun
+from tiny.launch import ROOT, accelerate_launch, cli_args, torchrun
 
 from apps.cli import main
 from visalign.data import PreferenceWriter
@@ -58,7 +58,10 @@ def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, pairs, t
     one = run_args(model, pairs, tmp_path / "one", tmp_path / "cache1", **extra)
     assert main(["train", algo, *cli_args(one)]) == 0
     two = run_args(model, pairs, tmp_path / "two", tmp_path / "cache2", batch_size=2, **extra)
-    torchrun(2, ["train", algo, *cli_args(two)])
+    if algo == "mapo":  # as a user launches it: accelerate launch with the shipped two-process CPU config
+        accelerate_launch(ROOT / "examples" / "accelerate" / "cpu2.yaml", ["train", algo, *cli_args(two)])
+    else:
+        torchrun(2, ["train", algo, *cli_args(two)])
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"))
     # the cache: rank 0 encoded shards 0 and 2, rank 1 shard 1 (8 pairs in shards of 3), and they hold what the
     # one-process build holds

@@ -141,9 +141,9 @@ def test_bad_refit_config(tmp_path, prompt_file):
 
 
 def test_drl_on_toy_flow_moves_samples_toward_the_renders(tmp_path):
-    """The short version of the README's DRL run on the shipped toy-flow: toy-clip-corners' tower, a head fitted on
-    128 renders against 128 base samples, 24 GRPO steps on its logit (SDE window). On the same 128 seeded ODE samples
-    the logit rises and the Fréchet distance to the renders in that feature space falls."""
+    """The short version of the DRL run of docs/experiments/online_rl.md on the shipped toy-flow: toy-clip-corners'
+    tower, a head fitted on 128 renders against 128 base samples, 24 GRPO steps on its logit (SDE window). On the
+    same 128 seeded ODE samples the logit rises and the Fréchet distance to the renders in that feature space falls."""
     held_in = str(ASSETS / "prompts" / "held_in.txt")
     cfg = DRLConfig(model=str(ASSETS / "toy-flow"), real_data="toyworld", encoder=str(ASSETS / "toy-clip-corners"),
                     prompts=held_in, eval_prompts=held_in, output_dir=str(tmp_path / "run"), resolution=64, steps=10,
@@ -154,6 +154,6 @@ def test_drl_on_toy_flow_moves_samples_toward_the_renders(tmp_path):
     Trainer(DRL(cfg)).train()
     before, after = (json.loads((tmp_path / "run" / "eval" / f"step-{s:06d}" / "report.json").read_text())["results"]
                      for s in (0, 24))  # fmt: skip
-    # measured: logit -1.278 -> -1.145, distance 0.0544 -> 0.0517 (the README's 200-step run: -27%)
+    # measured: logit -1.278 -> -1.145, distance 0.0544 -> 0.0517 (the 200-step run of online_rl.md: -27%)
     assert after["reward/discriminator"] > before["reward/discriminator"] + 0.05
     assert after["drift/fd_to_reference"] < 0.99 * before["drift/fd_to_reference"]

@@ -158,3 +158,20 @@ def test_dataset_smaller_than_a_batch(tmp_path):
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="holds no checkpoint"):
         Trainer(Regression(config(tmp_path, resume_from="latest"))).train()
+
+
+def test_mixed_precision_follows_accelerate_unless_set(tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` (or its config file) reaches the run through the environment;
+    an explicit ``--mixed_precision`` still wins."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert Trainer(Regression(config(tmp_path / "a"))).accelerator.mixed_precision == "bf16"
+    assert Trainer(Regression(config(tmp_path / "b", mixed_precision="no"))).accelerator.mixed_precision == "no"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert Trainer(Regression(config(tmp_path / "c"))).accelerator.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_configs_are_refused_clearly(tmp_path, monkeypatch, flag):
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ConfigError, match=r"asks for (FSDP|DeepSpeed), which visalign's trainers do not support"):
+        Trainer(Regression(config(tmp_path)))

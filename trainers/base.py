@@ -9,10 +9,12 @@ export.
 Departures from a stock ``Accelerator.prepare`` loop, and why:
 
 * The model is not wrapped in DDP. LoRA training calls the frozen pipeline's own modules, so gradients of the
-  (few) trainable parameters are averaged across processes explicitly after each accumulation cycle; the result
-  equals DDP's gradient averaging.
+  trainable parameters are averaged across processes explicitly after each accumulation cycle, in buckets; the
+  result equals DDP's gradient averaging. FSDP and DeepSpeed configs are refused with a clear message.
 * Data order is a pure function of ``(seed, epoch, position)``, so resuming skips to the exact batch without
-  reading the skipped ones.
+  reading the skipped ones; every global batch holds the same examples whatever the number of processes, and
+  tasks draw per-example randomness from ``(seed, epoch, index)`` (``set_epoch``), so N processes x batch B
+  train what one process x batch N*B does.
 * A non-finite loss stops the run naming the step and batch; the last good checkpoint is left intact.
 * Online tasks (GRPO) train several micro-batches on one rollout: while ``task.wants_data()`` is false the loop
   calls ``loss(None)`` without drawing prompts, and ``on_step_end`` returning ``True`` stops the run early.
@@ -136,6 +138,19 @@ def resolve_device(device: str) -> str:
     return str(process_state().device)
 
 
+def check_launch() -> None:
+    """Stop with a clear message where an accelerate config asks for what the loop does not do: FSDP and
+    DeepSpeed shard the model, and the model does not go through ``accelerator.prepare`` (see
+    docs/distributed.md); silently training unsharded would run out of memory or mislead."""
+    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"this accelerate config asks for {what}, which visalign's trainers do not support yet: use a "
+                "data-parallel config (examples/accelerate/ddp.yaml) with LoRA, --gradient_checkpointing and "
+                "--dtype bf16 for large models"
+            )
+
+
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -178,6 +193,7 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=False)
         process_state()  # the process group, CPU groups included, before the Accelerator reads it
+        check_launch()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.out / "logs")
         )
@@ -293,18 +309,31 @@ class Trainer:
         self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
 
     # ----------------------------------------------------------------- the loop
-    def _sync_gradients(self) -> None:
+    def _sync_gradients(self, bucket: int = 1 << 24) -> None:
+        """Average the gradients over processes (what DDP does), in buckets of at most ``bucket`` elements, so a
+        full fine-tune holds one bucket, not a second copy of every gradient."""
         if self.accelerator.num_processes == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for p, g in zip(self.params, grads):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+        world = self.accelerator.num_processes
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        groups, current, size = [], [], 0
+        for p in self.params:
+            if current and size + p.numel() > bucket:
+                groups.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += p.numel()
+        groups.append(current)
+        for group in groups:
+            flat = torch.cat([p.grad.reshape(-1).float() for p in group])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat /= world
+            offset = 0
+            for p in group:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def _evaluate(self) -> dict[str, float]:
         evaluate = getattr(self.task, "evaluate", None)

@@ -2,7 +2,7 @@
 
 ``visalign train llm-dpo --model M --data D [--loss sigmoid] [--beta 0.1] ...`` tokenizes the data once, then runs
 on the shared loop (``trainers/base.py``). Each step computes the summed completion-token log-probs of the policy
-(and of the reference), forms the log-ratios of DESIGN.md (``r = sum log pi(y|x) - sum log pi_ref(y|x)``, prompt
+(and of the reference), forms the log-ratios of docs/design.md (``r = sum log pi(y|x) - sum log pi_ref(y|x)``, prompt
 tokens masked out) and hands them, with token counts, to the chosen loss.
 
 Data (TRL's dataset formats; a ``.jsonl``/``.parquet`` file, a saved dataset folder or a hub id):

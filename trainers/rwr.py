@@ -1,4 +1,4 @@
-"""Flow-RWR: reward-weighted regression on the model's own samples, online (ALGORITHMS.md).
+"""Flow-RWR: reward-weighted regression on the model's own samples, online (docs/train_online.md).
 
 Each rollout samples ``group_size`` images (or videos) per prompt and scores them, exactly as GRPO does
 (:mod:`trainers.grpo`: same samplers, text cache, reward handling, monitors, checkpoints and exact resume). The

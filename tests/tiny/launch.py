@@ -15,6 +15,17 @@ def torchrun(nproc: int, argv: list[str], *, timeout: float = 300, env: dict | N
     """Run ``visalign ARGV`` in ``nproc`` processes (a standalone rendezvous on loopback); returns the output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--module", "apps.cli", *argv]  # fmt: skip
+    return run(cmd, timeout, env)
+
+
+def accelerate_launch(config_file: str | Path, argv: list[str], *, timeout: float = 300, env: dict | None = None):
+    """Run ``visalign ARGV`` with ``accelerate launch --config_file CONFIG_FILE`` (as a user would)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--module",
+           "apps.cli", *argv]  # fmt: skip
+    return run(cmd, timeout, env)
+
+
+def run(cmd: list[str], timeout: float, env: dict | None) -> str:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
