@@ -174,6 +174,7 @@ class Naive:
             "rejected": rejected,
             "cond": cond,
             "label": torch.tensor([r["label"] for r in rows]),
+            "index": torch.tensor([r["index"] for r in rows]),
         }
 
 

@@ -272,3 +272,42 @@ def test_flip_caches_the_latents_of_the_mirrored_images(tiny_pipeline_dir, tmp_p
     torch.testing.assert_close(item["chosen_flip"], expected)
     assert not torch.allclose(item["chosen_flip"], item["chosen"])
     assert EncodedPairs.collate([item, cached[0]])["rejected_flip"].shape == (2, 4, 16, 16)
+
+
+def test_streaming_shards_by_process_drops_ties_and_decodes_as_it_goes(tmp_path):
+    """A streamed parquet (as a hub dataset with --streaming): each process reads its own share, ties dropped,
+    winner first; together the processes see every pair once; the order is reshuffled every epoch."""
+    import datasets
+
+    from visalign.data import StreamingPairs
+
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255))
+    n = 12
+    datasets.Dataset.from_dict({"caption": [str(i) for i in range(n)], "jpg_0": [red] * n, "jpg_1": [blue] * n,
+                                "label_0": [0.5 if i % 4 == 3 else float(i % 2) for i in range(n)]}).to_parquet(
+        tmp_path / "s.parquet")  # fmt: skip
+
+    class Rank:
+        def __init__(self, r):
+            self.process_index, self.num_processes = r, 2
+
+    shares = [load_preference_data(tmp_path / "s.parquet", streaming=True, state=Rank(r), resolution=8)
+              for r in range(2)]  # fmt: skip
+    assert all(isinstance(s, StreamingPairs) for s in shares)
+    items = [list(s) for s in shares]
+    prompts = [[it["prompt"] for it in part] for part in items]
+    assert not set(prompts[0]) & set(prompts[1])
+    assert sorted(prompts[0] + prompts[1], key=int) == [str(i) for i in range(n) if i % 4 != 3]
+    for it in items[0] + items[1]:  # label_0 = 1: jpg_0 (red) won; 0: jpg_1 (blue) won
+        red_won = int(it["prompt"]) % 2 == 1
+        assert it["chosen"].shape == (3, 8, 8) and (it["chosen"][0].mean() == 1.0) == red_won
+    assert len({it["index"] for part in items for it in part}) == n - 3  # unique indices over processes
+    for share in shares:
+        share.set_epoch(1)
+    again = [[it["prompt"] for it in share] for share in shares]
+    assert again != prompts and not set(again[0]) & set(again[1])  # another order, still disjoint and complete
+    assert sorted(again[0] + again[1], key=int) == [str(i) for i in range(n) if i % 4 != 3]
+    bad = datasets.Dataset.from_dict({"caption": ["x"], "jpg_0": [red], "jpg_1": [blue], "label_0": [0.3]})
+    bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"streamed row 0 of process 0: label_0 must be 0, 0.5 or 1"):
+        load_preference_data(tmp_path / "bad.parquet", streaming=True, state=Rank(0))

@@ -52,7 +52,8 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
         assert diff <= atol, f"{k}: max |diff| {diff:.3g}"
 
 
-@pytest.mark.parametrize("algo, extra", [("diffusion-dpo", {}), ("mapo", {"beta": 0.1})])
+@pytest.mark.parametrize("algo, extra", [("diffusion-dpo", {"loss": "sigmoid:1.0,aot_unpaired:1.0"}),
+                                         ("mapo", {"beta": 0.1})])
 def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, pairs, tmp_path, algo, extra):
     model = str(tiny_pipeline_dir("sd"))
     one = run_args(model, pairs, tmp_path / "one", tmp_path / "cache1", **extra)
@@ -74,6 +75,44 @@ def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, pairs, t
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+GATHER_SCRIPT = """
+import json, sys, torch
+from visalign import losses
+from visalign.distributed import gather_with_grad, process_state
+
+state = process_state()
+g = torch.Generator().manual_seed(0)
+r_c, r_r = torch.randn(8, generator=g), torch.randn(8, generator=g)  # the global batch, on every process
+rows = slice(4 * state.process_index, 4 * state.process_index + 4)
+mine_c, mine_r = r_c[rows].clone().requires_grad_(), r_r[rows].clone().requires_grad_()
+objective = losses.build("aot_unpaired", beta=2.0)
+loss = objective(chosen_logratios=gather_with_grad(mine_c), rejected_logratios=gather_with_grad(mine_r))[0].mean()
+loss.backward()
+out = {"loss": loss.item(), "grad_c": (mine_c.grad / state.num_processes).tolist()}
+json.dump(out, open(sys.argv[1] + f"/rank{state.process_index}.json", "w"))
+"""
+
+
+def test_a_batch_level_loss_sees_the_global_batch(tmp_path):
+    """aot sorts log-ratios over the batch: on 2 processes x 4 rows, gathered with gradients, the loss and each
+    row's gradient (after DDP's averaging) are the one-process ones; sorted per process they would not be."""
+    from visalign import losses
+
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    torchrun(2, [str(tmp_path)], script=script)
+    g = torch.Generator().manual_seed(0)
+    r_c, r_r = torch.randn(8, generator=g).requires_grad_(), torch.randn(8, generator=g)
+    objective = losses.build("aot_unpaired", beta=2.0)
+    loss = objective(chosen_logratios=r_c, rejected_logratios=r_r)[0].mean()
+    loss.backward()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["loss"] == pytest.approx(loss.item(), abs=1e-6) == ranks[1]["loss"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["grad_c"] + ranks[1]["grad_c"]), r_c.grad, rtol=1e-5, atol=1e-7)
+    local = objective(chosen_logratios=r_c[:4], rejected_logratios=r_r[:4])[0].mean()
+    assert abs(local.item() - loss.item()) > 1e-3  # the per-process loss would differ
+
+
 def test_a_resume_under_two_processes_equals_the_uninterrupted_run(tiny_pipeline_dir, pairs, tmp_path):
     model = str(tiny_pipeline_dir("sd"))
     full = run_args(model, pairs, tmp_path / "full", tmp_path / "cache", batch_size=2, max_steps=4)
@@ -84,3 +123,29 @@ def test_a_resume_under_two_processes_equals_the_uninterrupted_run(tiny_pipeline
     torchrun(2, ["train", "diffusion-dpo", *cli_args(resumed)])
     a, b = lora(tmp_path / "full"), lora(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist-prompts") / "prompts.txt"
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square"]
+    path.write_text("".join(f"a {c} {s}\n" for c in colours for s in shapes))
+    return path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "drl"])
+def test_online_rl_on_two_processes_trains_what_one_process_trains(tiny_pipeline_dir, prompts, tmp_path, algo):
+    """Rollout samples seeded by (seed, epoch, prompt, member), rewards gathered before the advantages (batch std
+    over every process), the SDE window the same on every process: 2 x 2 prompts = 1 x 4 prompts."""
+    values = dict(model=tiny_pipeline_dir("sd"), prompts=prompts, reward="stats(stat=brightness)", max_steps=2,
+                  batch_size=4, group_size=2, steps=3, guidance=3.0, resolution=32, lora_rank=4, lora_alpha=4.0,
+                  learning_rate=2.0, adam_epsilon=1.0, lr_scheduler="constant", advantage_std="batch",
+                  timestep_selection="window", sde_window=2, sde_window_range=3, report_to="none",
+                  progress=False)  # fmt: skip
+    if algo == "drl":
+        del values["reward"]
+        values.update(real_data="toyworld", encoder=ROOT / "assets" / "toyworld" / "toy-clip", disc_samples=8,
+                      disc_steps=20, disc_batch_size=8)  # fmt: skip
+    assert main(["train", algo, *cli_args({**values, "output_dir": tmp_path / "one"})]) == 0
+    torchrun(2, ["train", algo, *cli_args({**values, "output_dir": tmp_path / "two", "batch_size": 2})])
+    assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"), atol=1e-5)

@@ -262,10 +262,11 @@ def test_resume_equals_uninterrupted(tmp_path, prompt_file):
 
 
 def test_monitor_raises_the_alarm_on_a_hackable_reward(tmp_path, prompt_file):
-    # the training reward pays for brightness; the gold metric is darkness: hacking by construction
+    # the training reward pays for brightness; the gold metric is darkness: hacking by construction. On 4 evaluation
+    # samples of the tiny model the first steps are noisy: seeds 1, 2, 3 brighten from step 1, seed 0 from step 4
     task = make("sd", tmp_path, prompt_file, max_steps=6, eval_every=1, eval_prompts=prompt_file, eval_samples=4,
                 eval_steps=3, eval_reward="test-darkness", early_stop=True, monitor_patience=2,
-                monitor_min_gold_drop=1e-3, learning_rate=3e-2, group_size=4, beta_kl=0.0)  # fmt: skip
+                monitor_min_gold_drop=1e-3, learning_rate=3e-2, group_size=4, beta_kl=0.0, seed=2)  # fmt: skip
     Trainer(task).train()
     history = task.monitor.history()
     assert task.monitor.alarm and task.monitor.steps[-1] < 6  # stopped early
@@ -317,10 +318,10 @@ def test_eval_seed_picks_the_evaluation_seeds(tmp_path, prompt_file):
 
 
 def test_rollouts_never_start_from_an_evaluated_videos_noise():
-    from trainers.grpo import rollout_seed
+    from trainers.grpo import sample_seed
 
-    # evaluation samples video i from seed (eval_seed + i); rollout seeds used to be seed*1_000_003 + rollouts,
-    # so seed 0's rollout r began from evaluation video r's initial noise
+    # evaluation samples video i from seed (eval_seed + i); a rollout sample's seed is a hash of (seed, epoch,
+    # prompt, member), the same on whichever process samples it, and never a small integer
     evaluated = set(range(0, 100_000))
-    used = {rollout_seed(s, rank, r) for s in (0, 1, 42) for rank in range(4) for r in range(5000)}
-    assert not used & evaluated and len(used) == 3 * 4 * 5000
+    used = {sample_seed(s, e, p, j) for s in (0, 1, 42) for e in range(5) for p in range(100) for j in range(8)}
+    assert not used & evaluated and len(used) == 3 * 5 * 100 * 8

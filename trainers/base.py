@@ -212,7 +212,8 @@ class Trainer:
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.dataset = task.train_dataset()
         world = self.accelerator.num_processes
-        if len(self.dataset) < cfg.batch_size * world:
+        self.streaming = isinstance(self.dataset, torch.utils.data.IterableDataset)
+        if not self.streaming and len(self.dataset) < cfg.batch_size * world:
             raise ConfigError(
                 f"the dataset has {len(self.dataset)} examples, fewer than one batch "
                 f"({cfg.batch_size} x {world} processes): lower batch_size or add data"
@@ -225,6 +226,8 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[int, int, Any]]:
         """Yields ``(epoch, position, batch)`` forever, from the saved position on."""
         acc, cfg = self.accelerator, self.config
+        if self.streaming:
+            yield from self._stream_batches()
         while True:
             order = batch_order(
                 len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, acc.process_index, acc.num_processes
@@ -239,6 +242,29 @@ class Trainer:
             for batch in loader:
                 self.position += 1  # counted before the yield: a checkpoint taken now resumes after this batch
                 yield self.epoch, self.position - 1, batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _stream_batches(self) -> Iterator[tuple[int, int, Any]]:
+        """Batches of an iterable dataset (a streamed one): the stream's own shuffle per epoch (``set_epoch``); a
+        resume replays the epoch's stream up to the saved position (the skipped batches are read, not trained)."""
+        cfg = self.config
+        while True:
+            set_epoch = getattr(self.dataset, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=cfg.batch_size, drop_last=True, collate_fn=self.task.collate,
+                num_workers=cfg.num_workers,
+            )
+            seen = 0
+            for i, batch in enumerate(loader):
+                seen += 1
+                if i < self.position:
+                    continue
+                self.position += 1
+                yield self.epoch, self.position - 1, batch
+            if seen == 0:
+                raise ConfigError(f"the stream holds fewer than one batch ({cfg.batch_size}) for this process")
             self.epoch, self.position = self.epoch + 1, 0
 
     # ----------------------------------------------------------------- checkpoints

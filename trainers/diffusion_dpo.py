@@ -28,6 +28,7 @@ import torch
 from trainers.base import TrainConfig, resolve_device, write_model_card
 from visalign import losses
 from visalign.config import field
+from visalign.distributed import gather_with_grad
 from visalign.errors import ConfigError
 from visalign.models import cat_cond
 from visalign.seeding import example_generators
@@ -67,6 +68,8 @@ class DiffusionDPOConfig(TrainConfig):
     device: str = field("auto", help="cpu, cuda or auto")
     attention: str = field("sdpa", help="attention backend: sdpa or xformers")
     split: str = field("train", help="dataset split to train on (hub datasets and saved DatasetDicts)")
+    streaming: bool = field(False, help="stream a hub dataset (or .parquet/.jsonl) instead of downloading it first; "
+                                        "pairs are encoded every step (implies --cache none)")  # fmt: skip
     max_train_samples: int | None = field(None, help="train on the first N pairs only (after dropping ties)")
     random_flip: bool = field(
         False, help="mirror each pair left-right with probability 1/2 per visit (the cache keeps both orientations)"
@@ -163,12 +166,13 @@ class DiffusionDPO:
             self.model.denoiser.enable_gradient_checkpointing()
         resolution = cfg.resolution or self.model.default_resolution
         self.pairs = load_preference_data(cfg.data, resolution=resolution, num_frames=cfg.num_frames,
-                                          split=cfg.split, limit=cfg.max_train_samples)  # fmt: skip
+                                          split=cfg.split, limit=cfg.max_train_samples, streaming=cfg.streaming,
+                                          seed=cfg.seed)  # fmt: skip
         if self.pairs.video != self.model.is_video:
             kind = "videos" if self.pairs.video else "images"
             raise ConfigError(f"{cfg.data} holds {kind} but {cfg.model} is a {self.model.family} model")
         self.encoded = None
-        if cfg.cache == "disk":
+        if cfg.cache == "disk" and not cfg.streaming:
             cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / ".cache" / "latents")
             self.encoded = encode_pairs(self.model, self.pairs, cache, shard_size=cfg.cache_shard_size,
                                         flip=cfg.random_flip, progress=cfg.progress)  # fmt: skip
@@ -263,7 +267,8 @@ class DiffusionDPO:
             inputs["chosen_errors"], inputs["rejected_errors"] = e_w, e_l
         if "preference_probs" in self.objective.inputs:
             inputs["preference_probs"] = batch["label"].to(errors.device)
-        per_pair, metrics = self.objective(**inputs)
+        # the loss sees the global batch (batch-level losses such as aot sort over it), as one process would
+        per_pair, metrics = self.objective(**{k: gather_with_grad(v) for k, v in inputs.items()})
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["error/chosen"], metrics["error/rejected"] = float(e_w.detach().mean()), float(e_l.detach().mean())
         if ref_errors is not None:  # the paper's implicit accuracy: the winner improved more than the loser

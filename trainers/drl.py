@@ -35,6 +35,7 @@ import torch
 
 from trainers.grpo import GRPO, GRPOConfig
 from visalign.config import field
+from visalign.distributed import process_state
 from visalign.errors import ConfigError
 
 HEAD_FILE = "discriminator.safetensors"
@@ -152,9 +153,12 @@ class DRL(GRPO):
                 "real_accuracy": float((real_logit > 0).float().mean()),
                 "base_accuracy": float((fake_logit < 0).float().mean()),
             }
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            disc.save_head(saved)
-            (saved.parent / "discriminator.json").write_text(json.dumps(self.fit_report, indent=2))
+            state = process_state()
+            if state.is_main_process:  # every process fitted the same head (same seeds); one writes it
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                disc.save_head(saved)
+                (saved.parent / "discriminator.json").write_text(json.dumps(self.fit_report, indent=2))
+            state.wait_for_everyone()
         self._real = real
         return disc
 
@@ -205,8 +209,6 @@ class DRL(GRPO):
         if not cfg.disc_refit_every:
             return ro
         from accelerate.utils import gather
-
-        from visalign.distributed import process_state
 
         new = gather(self.features(ro.pixels).to(process_state().device)).cpu()
         self._fakes = new if self._fakes is None else torch.cat([self._fakes, new])[-cfg.disc_samples :]

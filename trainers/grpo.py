@@ -23,8 +23,10 @@ Departures from the reference code, and why:
 * Samples whose reward is NaN or ``valid=False`` are excluded from advantages and from the update, and counted
   (``rollout/invalid``); the reference scripts train on them. A reward that fails (a remote one that times out)
   stops the run naming the step, instead of hanging or training on garbage.
-* Each process rolls out whole groups, so advantages never need a gather; ``advantage_std="batch"`` is then the
-  std over that process's rollout (flow_grpo gathers rewards over all processes first).
+* Each process rolls out whole groups; rewards are gathered over processes before advantages, so groups and the
+  ``batch`` std span every process (as flow_grpo). Each sample draws its noise from a generator seeded by
+  (seed, epoch, prompt, member) and the SDE window from (seed, rollout), so N processes x ``batch_size`` B roll
+  out and train what one process x N*B does (with ``samples_per_update`` the whole rollout).
 * Evaluation scores the training reward and a gold metric on the same seeded held-out samples and feeds
   :class:`visalign.monitors.RewardHackingMonitor` (alarm, optional early stop).
 """
@@ -59,15 +61,28 @@ from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
 from visalign.samplers import get_sampler
 from visalign.sde import kl_to_reference
+from visalign.seeding import example_generator, example_seed
+
 
 # ----------------------------------------------------------------------------------------------- rollouts
-ROLLOUT_SEED_BASE = 1 << 40
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each CPU tensor concatenated over processes in rank order (itself alone in a one-process run); every
+    process must pass the same number of rows."""
+    state = process_state()
+    if state.num_processes == 1:
+        return tensors
+    from accelerate.utils import gather
 
+    device = state.device
+    return tuple(gather(t.to(device)).cpu() for t in tensors)
 
-def rollout_seed(seed: int, rank: int, rollouts: int) -> int:
-    """The generator seed of a process's next rollout: far above the small integers evaluation seeds samples
-    with (``seed + i``), so no rollout starts from the initial noise of a video the run is judged on."""
-    return ROLLOUT_SEED_BASE + seed * 1_000_003 + rank * 100_003 + rollouts
+def sample_seed(seed: int, epoch: int, prompt_id: int, member: int) -> int:
+    """The generator seed of one rollout sample: member ``member`` of prompt ``prompt_id``'s group in ``epoch``.
+
+    A hash (63 bits), so it is the same whichever process samples it (world-size invariance) and, but with
+    negligible probability, never one of the small integers evaluation seeds samples with (``seed + i``): no
+    rollout starts from the initial noise of a sample the run is judged on."""
+    return example_seed(seed, "rollout", epoch, prompt_id, member)
 
 
 @dataclass
@@ -149,6 +164,7 @@ class GRPO:
         self.tracker = PromptStatTracker(cfg.advantage_history, global_std=cfg.advantage_std == "batch") if (
             cfg.advantage_history) else None  # fmt: skip
         self.rank = process_state().process_index
+        self.epoch = 0  # set by the loop: rollout samples are seeded by (seed, epoch, prompt, member)
         self.queue: collections.deque = collections.deque()
         self.rollouts = 0  # rollouts done (seeds the next one)
         self.micro = 0  # micro-batches trained
@@ -183,6 +199,9 @@ class GRPO:
     def collate(self, rows: list[int]) -> list[int]:
         return list(rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def wants_data(self) -> bool:
         """A new batch of prompts is needed only when the last rollout's micro-batches are all trained."""
         return not self.queue
@@ -199,15 +218,25 @@ class GRPO:
         return loss, {**rollout.metrics, **metrics}
 
     # ----------------------------------------------------------------- rollout
-    def sample_rollout(self, prompt_ids: list[int], generator: torch.Generator) -> Rollout:
-        """Sample ``group_size`` trajectories per prompt with the stochastic sampler (no rewards yet)."""
+    def sample_generators(self, prompt_ids: list[int]) -> list[torch.Generator]:
+        """One generator per sample of a rollout, seeded by :func:`sample_seed`: its initial noise, its trained
+        steps (``random`` selection) and its SDE noise come from it alone."""
+        g, cfg = self.config.group_size, self.config
+        return [torch.Generator().manual_seed(sample_seed(cfg.seed, self.epoch, p, j)) for p in prompt_ids
+                for j in range(g)]  # fmt: skip
+
+    def sample_rollout(self, prompt_ids: list[int], generator: torch.Generator | list[torch.Generator]) -> Rollout:
+        """Sample ``group_size`` trajectories per prompt with the stochastic sampler (no rewards yet); ``generator``
+        is one for the whole rollout or one per sample (:meth:`sample_generators`)."""
         cfg, model = self.config, self.model
         g = cfg.group_size
         ids = torch.tensor(prompt_ids, dtype=torch.long).repeat_interleave(g)
         prompts = [self.prompts[i] for i in ids.tolist()]
         size = cfg.resolution or model.default_resolution
+        per_sample = isinstance(generator, list)
         if cfg.same_noise_per_group:
-            noise = model.prepare_latents(len(prompt_ids), size, size, cfg.num_frames, generator)
+            first = generator[::g] if per_sample else generator
+            noise = model.prepare_latents(len(prompt_ids), size, size, cfg.num_frames, first)
             noise = noise.repeat_interleave(g, dim=0)
         else:
             noise = model.prepare_latents(len(prompts), size, size, cfg.num_frames, generator)
@@ -217,8 +246,9 @@ class GRPO:
         for start in range(0, len(prompts), chunk):
             rows = slice(start, start + chunk)
             cond, uncond = self.text(prompts[rows])
+            gen = generator[rows] if per_sample else generator
             outs.append(model.sample(prompts[rows], steps=cfg.steps, guidance=self.guidance, latents=noise[rows],
-                                     cond=cond, uncond=uncond, sde=samplers, generator=generator, height=size,
+                                     cond=cond, uncond=uncond, sde=samplers, generator=gen, height=size,
                                      width=size, num_frames=cfg.num_frames, record_trajectory=True))  # fmt: skip
         cond, uncond = self.text(prompts)
         return Rollout(
@@ -233,17 +263,20 @@ class GRPO:
             pixels=torch.cat([o.pixels for o in outs]),
         )
 
-    def rollout_samplers(self, n: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
-        """Per-step samplers and the ``[n, K]`` steps to train, by ``timestep_selection``."""
+    def rollout_samplers(self, n: int, generator: torch.Generator | list) -> tuple[list, torch.Tensor]:
+        """Per-step samplers and the ``[n, K]`` steps to train, by ``timestep_selection``. The SDE window is one
+        per rollout, the same on every process (drawn from the run's seed and the rollout count)."""
         cfg = self.config
         s, k = cfg.steps, cfg.trained_steps
+        gens = generator if isinstance(generator, list) else [generator] * n
         if cfg.timestep_selection == "all-but-last":  # Flow-GRPO: the last step is not trained
             return [self.sampler] * s, torch.arange(k).expand(n, k).clone()
         if cfg.timestep_selection == "random":  # DanceGRPO: a random subset per sample
-            perms = torch.stack([torch.randperm(s, generator=generator)[:k] for _ in range(n)])
+            perms = torch.stack([torch.randperm(s, generator=gens[i])[:k] for i in range(n)])
             return [self.sampler] * s, perms.sort(dim=1).values
         window_range = cfg.sde_window_range or max(s // 2, k)
-        start = int(torch.randint(0, window_range - k + 1, (1,), generator=generator))
+        window = example_generator(cfg.seed, "window", self.rollouts) if isinstance(generator, list) else generator
+        start = int(torch.randint(0, window_range - k + 1, (1,), generator=window))
         samplers = [self.sampler if start <= i < start + k else self.ode_sampler for i in range(s)]
         return samplers, torch.arange(start, start + k).expand(n, k).clone()
 
@@ -263,23 +296,29 @@ class GRPO:
             ) from e
         rewards = out.scores.detach().float().cpu()
         valid = out.valid.cpu() & torch.isfinite(rewards)
-        advantages = torch.zeros_like(rewards)
-        if valid.sum() > 0:
-            r, ids = rewards[valid], rollout.prompt_ids[valid]
+        # groups and the batch std span every process's samples (gathered, as flow_grpo does); each process
+        # keeps the advantages of its own samples
+        all_rewards, all_valid, all_ids = gather_rows(rewards, valid.to(torch.uint8), rollout.prompt_ids)
+        all_valid = all_valid.bool()
+        advantages = torch.zeros_like(all_rewards)
+        if all_valid.sum() > 0:
+            r, ids = all_rewards[all_valid], all_ids[all_valid]
             if self.tracker is not None:
                 adv = self.tracker.update([self.prompts[i] for i in ids.tolist()], r)
             else:
                 adv = group_advantages(r, ids, std=cfg.advantage_std)
-            advantages[valid] = clip_advantages(adv, cfg.adv_clip_max)
-        rollout.rewards, rollout.valid, rollout.advantages = rewards, valid, advantages
+            advantages[all_valid] = clip_advantages(adv, cfg.adv_clip_max)
+        n, rank = len(rewards), process_state().process_index
+        rollout.rewards, rollout.valid = rewards, valid
+        rollout.advantages = advantages[rank * n : (rank + 1) * n].clone()
         return rollout
 
     def rollout(self, prompt_ids: list[int]) -> Rollout:
         """Sample and score one rollout, and queue its micro-batches (inner epochs x updates x trained steps)."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, self.rank, self.rollouts))
         start = time.perf_counter()
-        ro = self.sample_rollout(prompt_ids, generator)
+        ro = self.sample_rollout(prompt_ids, self.sample_generators(prompt_ids))
+        generator = example_generator(cfg.seed, "rollout-order", self.rollouts)  # the update order, every process
         seconds = time.perf_counter() - start
         self.score(ro)
         self.rollouts += 1

@@ -166,6 +166,12 @@ def open_rows(source, *, split: str = "train", streaming: bool = False):
     if isinstance(source, (list, tuple)):
         return ListRows(list(source)), "rows", None
     path = Path(source)
+    if streaming and path.is_file() and path.suffix in (".jsonl", ".parquet"):  # a local file streamed as a hub one
+        import datasets
+
+        builder = "json" if path.suffix == ".jsonl" else "parquet"
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True), str(path), (
+            path.parent)  # fmt: skip
     if path.is_file():
         if path.suffix == ".jsonl":
             return JsonlRows(path), str(path), path.parent
@@ -406,6 +412,74 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return h.hexdigest()[:16]
 
 
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """Pairs from a ``datasets.IterableDataset`` (``--streaming``), read and decoded as they come: this process's
+    share of the stream (``split_dataset_by_node``; the DataLoader's workers split it further), shuffled in a
+    buffer seeded by (seed, epoch). Ties are dropped and labels checked row by row. Items are those of
+    :class:`PreferenceDataset`; ``index`` numbers them uniquely within an epoch (seeds per-example draws).
+    Nothing is known of the stream's length, and the split over processes follows the stream's files, so a
+    streamed run is not world-size invariant (a map-style one is)."""
+
+    def __init__(self, stream, *, name: str = "stream", root: Path | None = None, resolution: int | None = None,
+                 num_frames: int | None = None, drop_ties: bool = True, soft_labels: bool = False,
+                 max_samples: int | None = None, seed: int = 0, buffer_size: int = 1000, rank: int = 0,
+                 world: int = 1):  # fmt: skip
+        from datasets.distributed import split_dataset_by_node
+
+        self.name, self.root, self.resolution, self.num_frames = name, root, resolution, num_frames
+        self.drop_ties, self.soft_labels, self.rank, self.world = drop_ties, soft_labels, rank, world
+        columns = set(stream.column_names or next(iter(stream)).keys())
+        self.schema = "pickapic" if set(PICKAPIC_COLUMNS) <= columns else "pairs"
+        for c in PICKAPIC_COLUMNS if self.schema == "pickapic" else PAIR_COLUMNS:
+            if c not in columns:
+                raise DataError(f"{name}: the stream has no column {c!r} (expected: {', '.join(PAIR_COLUMNS)})")
+        if max_samples:
+            stream = stream.take(max_samples)
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world).shuffle(seed=seed,
+                                                                                           buffer_size=buffer_size)
+        first = self._pair(next(iter(stream)), 0)
+        self.video = is_video(first.chosen) if first is not None else False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def source_row(self, index: int) -> int:
+        return int(index)
+
+    def _pair(self, row: dict, i: int) -> PreferencePair | None:
+        where = f"{self.name}: streamed row {i} of process {self.rank}"
+        column = "label_0" if self.schema == "pickapic" else "label"
+        value = row.get(column, None if self.schema == "pickapic" else 1.0)
+        if value is None:
+            raise DataError(f"{where} has no column {column!r}")
+        label = _check_label(value, where)
+        if not self.soft_labels and label not in (0.0, 0.5, 1.0):
+            raise DataError(f"{where}: {column} must be 0, 0.5 or 1 (or pass soft_labels), got {value}")
+        if label == 0.5 and self.drop_ties:
+            return None
+        return _row_to_pair(row, self.schema, label, self.root, where)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = 0
+        for i, row in enumerate(self.stream):
+            pair = self._pair(row, i)
+            if pair is None:
+                continue
+            where = f"{self.name}: streamed row {i} of process {self.rank}"
+            load = (lambda m, w: load_video(m, self.resolution, self.num_frames, w)) if self.video else (
+                lambda m, w: load_image(m, self.resolution, w))  # fmt: skip
+            chosen, rejected = load(pair.chosen, where + " (chosen)"), load(pair.rejected, where + " (rejected)")
+            if chosen.shape != rejected.shape:
+                raise DataError(f"{where}: chosen is {tuple(chosen.shape)} but rejected is {tuple(rejected.shape)}")
+            index = (n * workers + worker) * self.world + self.rank
+            n += 1
+            yield {"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, "label": pair.label, "index": index}
+
+    collate = staticmethod(PreferenceDataset.collate)
+
+
 def load_preference_data(
     source,
     *,
@@ -415,9 +489,21 @@ def load_preference_data(
     soft_labels: bool = False,
     limit: int | None = None,
     split: str = "train",
-) -> PreferenceDataset:
+    streaming: bool = False,
+    seed: int = 0,
+    state=None,
+) -> PreferenceDataset | StreamingPairs:
     """Open and check preference pairs from any supported source (see the module docstring); ``limit`` keeps the
-    first pairs only (``--max_train_samples``)."""
+    first pairs only (``--max_train_samples``). With ``streaming``, a :class:`StreamingPairs` of this process's
+    share (``state``: accelerate's process state, default the current one)."""
+    if streaming:
+        from .distributed import process_state
+
+        state = state or process_state()
+        stream, name, root = open_rows(source, split=split, streaming=True)
+        return StreamingPairs(stream, name=name, root=root, resolution=resolution, num_frames=num_frames,
+                              drop_ties=drop_ties, soft_labels=soft_labels, max_samples=limit, seed=seed,
+                              rank=state.process_index, world=state.num_processes)  # fmt: skip
     rows, name, root = open_rows(source, split=split)
     return PreferenceDataset(rows, name=name, root=root, resolution=resolution, num_frames=num_frames,
                              drop_ties=drop_ties, soft_labels=soft_labels, max_samples=limit)  # fmt: skip

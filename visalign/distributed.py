@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+import torch.distributed as dist
+
 
 def launched_processes() -> int:
     """The world size a launcher (torchrun, accelerate launch, MPI) announced; 1 when run directly."""
@@ -20,10 +23,37 @@ def launched_processes() -> int:
 
 def process_state():
     """accelerate's ``PartialState`` (process index, count, device, ``wait_for_everyone``), CPU groups included."""
-    import torch
     from accelerate import PartialState
 
     cpu = launched_processes() > 1 and not torch.cuda.is_available()
     if cpu:  # the Accelerator reads this; the first PartialState decides the group (a singleton)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return PartialState(cpu=cpu)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward sends each process the summed gradient of its own rows (an
+    all-reduce, which gloo has; gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local):
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x):
+    """``x`` ``[B, ...]`` of every process concatenated in rank order, differentiably: a loss over the global
+    batch, computed the same on every process, gives each process the gradient of its own rows, times the
+    number of processes, so that averaging parameter gradients over processes (DDP's rule) yields exactly the
+    one-process gradient. Every process must pass the same ``B``. Returns ``x`` itself when run alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)

@@ -11,10 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(nproc: int, argv: list[str], *, timeout: float = 300, env: dict | None = None) -> str:
-    """Run ``visalign ARGV`` in ``nproc`` processes (a standalone rendezvous on loopback); returns the output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--module", "apps.cli", *argv]  # fmt: skip
+def torchrun(nproc: int, argv: list[str], *, timeout: float = 300, env: dict | None = None, script=None) -> str:
+    """Run ``visalign ARGV`` (or ``python SCRIPT ARGV``) in ``nproc`` processes (a standalone rendezvous on
+    loopback); returns the output."""
+    target = [str(script)] if script else ["--module", "apps.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
+           *argv]  # fmt: skip
     return run(cmd, timeout, env)
 
 
