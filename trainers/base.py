@@ -272,12 +272,31 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
 
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        return found[-1] if found else None
+    def _checkpoints(self) -> list[Path]:
+        """``checkpoints/step-N`` folders, oldest first (a temporary ``.tmp-step-N`` is never one)."""
+        found = [p for p in self.checkpoint_root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def latest_checkpoint(self, skipped: list[str] | None = None) -> Path | None:
+        """The newest *complete* checkpoint (every file matches its manifest), or ``None``; each newer one passed
+        over is appended to ``skipped`` with the reason."""
+        from visalign.checkpoints import is_complete
+
+        for path in reversed(self._checkpoints()):
+            why = is_complete(path)
+            if why is None:
+                return path
+            if skipped is not None:
+                skipped.append(f"{path.name}: {why}")
+        return None
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically: a temporary folder renamed into place when complete."""
+        """Write ``checkpoints/step-N`` atomically: every process writes its files into a temporary folder, the
+        main process then lists them in a manifest (sizes, SHA-256) written last, and renames the folder into
+        place. A write that fails (a full disk) removes the temporary folder, leaves the earlier checkpoints as
+        they were and stops the run with :class:`TrainingError`."""
+        from visalign.checkpoints import save_rng, save_torch, write_manifest
+
         acc = self.accelerator
         final = self.checkpoint_root / f"step-{self.step:06d}"
         tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
@@ -285,39 +304,76 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        if acc.is_main_process:
-            from safetensors.torch import save_file
+        try:
+            save_rng(rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
+            if acc.is_main_process:
+                from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in self.task.state_dict().items()}
-            save_file(state, tmp / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            meta = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "position": self.position,
-                "num_processes": acc.num_processes,
-                "batch_size": self.config.batch_size,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
-            save_config(self.config, tmp)
-        acc.wait_for_everyone()
+                state = {k: v.detach().cpu().contiguous() for k, v in self.task.state_dict().items()}
+                save_file(state, tmp / "trainable.safetensors")
+                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_torch(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                meta = {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "position": self.position,
+                    "num_processes": acc.num_processes,
+                    "batch_size": self.config.batch_size,
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+                save_config(self.config, tmp)
+        except OSError as e:
+            self._checkpoint_failed(final, tmp, e)
+        acc.wait_for_everyone()  # every process's files are in tmp
         if acc.is_main_process:
+            try:
+                write_manifest(tmp)
+            except OSError as e:
+                self._checkpoint_failed(final, tmp, e)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            kept = sorted(self.checkpoint_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in kept[: -self.config.keep_checkpoints]:
+            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
+    def _checkpoint_failed(self, final: Path, tmp: Path, error: OSError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.latest_checkpoint()
+        raise TrainingError(
+            f"could not write checkpoint {final} (process {self.accelerator.process_index}): {error}; "
+            f"the previous checkpoint {previous or '(none)'} is intact: free space, then resume with "
+            f"--resume_from latest"
+        ) from error
+
+    def resolve_checkpoint(self, path: str | os.PathLike) -> Path:
+        """``"latest"``: the newest complete checkpoint, saying which newer ones it skipped and why; a path: that
+        checkpoint, checked against its manifest. Raises :class:`TrainingError` naming the damaged file."""
+        from visalign.checkpoints import CheckpointError, verify
+
+        if str(path) == "latest":
+            skipped: list[str] = []
+            found = self.latest_checkpoint(skipped)
+            for line in skipped:
+                self.accelerator.print(f"resume_from=latest: skipping {line}")
+            if found is None:
+                what = f"complete checkpoint (skipped {'; '.join(skipped)})" if skipped else "checkpoint"
+                raise TrainingError(f"resume_from='latest' but {self.checkpoint_root} holds no {what}")
+            if skipped:
+                self.accelerator.print(f"resume_from=latest: resuming from {found}")
+            return found
+        try:
+            verify(path)
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume from {path}: {e}") from e
+        return Path(path)
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         from safetensors.torch import load_file
 
-        path = self.latest_checkpoint() if str(path) == "latest" else Path(path)
-        if path is None:
-            raise TrainingError(f"resume_from='latest' but {self.checkpoint_root} holds no checkpoint")
+        from visalign.checkpoints import CheckpointError, load_rng, load_torch
+
+        path = self.resolve_checkpoint(path)
         meta_file = Path(path) / "trainer_state.json"
         if not meta_file.exists():
             raise TrainingError(f"{path} is not a complete checkpoint (no trainer_state.json)")
@@ -328,10 +384,13 @@ class Trainer:
                 f"{path} was written by {meta['num_processes']} processes with batch_size {meta['batch_size']}; "
                 f"resume with the same (now {acc.num_processes} and {self.config.batch_size}) for an exact resume"
             )
-        self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
-        self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=False))
-        self.lr_scheduler.load_state_dict(torch.load(Path(path) / "lr_scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(Path(path) / f"rng-{acc.process_index}.pt", weights_only=False))
+        try:
+            self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
+            self.optimizer.load_state_dict(load_torch(Path(path) / "optimizer.pt"))
+            self.lr_scheduler.load_state_dict(load_torch(Path(path) / "lr_scheduler.pt"))
+            set_rng_state(load_rng(Path(path) / f"rng-{acc.process_index}.safetensors"))
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume from {path}: {e}") from e
         self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
 
     # ----------------------------------------------------------------- the loop
