@@ -10,6 +10,10 @@ fine-tune exports the whole pipeline. Then ``visalign evaluate --lora DIR`` comp
 ``--fuse`` folds the LoRA into the base weights and saves the whole pipeline instead: a new base model that plain
 Diffusers loads without peft, and the next round of iterative DPO (sample pairs from it, train a new LoRA against
 it as the reference). ``--lora DIR --fuse`` does the same for an exported LoRA folder (such as ``RUN/final``).
+
+``--format kohya|comfyui`` adds ``lora_<format>.safetensors`` beside the Diffusers file: the layout A1111-style UIs
+or ComfyUI load (docs/lora_formats.md names the file to pick per family); ``--lora DIR --format F`` converts an
+exported LoRA folder. With ``--fuse`` the whole pipeline is saved in Diffusers layout whatever the format.
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ class ExportConfig:
     fuse: bool = field(False, help="fold the LoRA into the base weights and save the whole pipeline (a new base)")
     device: str = field("cpu", help="where to load the base model while exporting")
     dtype: Literal["fp32", "fp16", "bf16"] = field("fp32", help="dtype of the base model while exporting")
+    format: Literal["diffusers", "kohya", "comfyui"] = field(
+        "diffusers", help="LoRA layout: diffusers; kohya (A1111-style UIs) or comfyui add lora_<format>.safetensors"
+    )
 
     def __post_init__(self):
         if (self.checkpoint is None) == (self.lora is None):
             raise ConfigError("give one of --checkpoint RUN/checkpoints/step-N or --lora DIR (with --fuse)")
-        if self.lora is not None and not self.fuse:
-            raise ConfigError(f"--lora {self.lora} is already a LoRA; add --fuse to fold it into its base model")
+        if self.lora is not None and not self.fuse and self.format == "diffusers":
+            raise ConfigError(
+                f"--lora {self.lora} is already a LoRA; add --fuse to fold it into its base model "
+                "(or --format kohya|comfyui to convert it)"
+            )
         if self.model is not None and self.lora is None:
             raise ConfigError("--model names the base of --lora; a checkpoint's config.yaml names its own")
 
@@ -78,21 +88,32 @@ def save_pipeline(model, out: Path) -> None:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, device: str = "cpu", dtype: str = "fp32", model=None, fuse: bool = False
+    checkpoint: str | Path,
+    out: str | Path,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    model=None,
+    fuse: bool = False,
+    fmt: str = "diffusers",
 ) -> Path:
     """Write checkpoint ``checkpoint`` as an adapter (or pipeline) to ``out``; returns ``out``.
 
     ``model``: the base model already loaded, without adapters (default: load the checkpoint's ``model``).
     ``fuse``: fold the LoRA into the base and save the whole pipeline.
+    ``fmt``: ``kohya`` or ``comfyui`` add ``lora_<fmt>.safetensors`` beside the Diffusers LoRA (a fused pipeline and
+    a full fine-tune are saved in Diffusers layout whatever the format).
     """
     import torch
 
     from trainers.base import write_model_card
     from visalign.models import load_model
+    from visalign.models.lora_formats import check_format, write_lora_format
 
     checkpoint, out = Path(checkpoint), Path(out)
     config, state, tensors = read_checkpoint(checkpoint)
     model = model or load_model(config["model"], device=device, dtype=dtype)
+    if not fuse and not config.get("full_finetune"):
+        check_format(model.family, fmt)  # before anything is written
     step, ema = int(state["step"]), []
     if config.get("full_finetune"):
         model.denoiser.load_state_dict(tensors)
@@ -117,8 +138,12 @@ def export_checkpoint(
         else:
             model.save_lora(out)
             usage = f'pipe = DiffusionPipeline.from_pretrained("{config["model"]}")\npipe.load_lora_weights("{out}")'
+            if fmt != "diffusers":
+                usage += format_usage(write_lora_format(out, fmt), fmt, model.family)
     title = f"step {step} of {checkpoint.parent.parent}" + (" (EMA weights)" if ema else "")
     title += ", fused" if fuse else ""
+    if fmt != "diffusers":
+        title += " (Diffusers layout: a fused model has no LoRA file)" if fuse else f", {fmt} format"
     report = checkpoint.parent.parent / "eval" / checkpoint.name / "report.json"
     results = json.loads(report.read_text()).get("results", {}) if report.exists() else {}
     write_model_card(
@@ -130,6 +155,33 @@ def export_checkpoint(
         results={k: v for k, v in results.items() if isinstance(v, (int, float))},
         usage="from diffusers import DiffusionPipeline\n" + usage,
     )
+    return out
+
+
+def format_usage(file: Path, fmt: str, family: str) -> str:
+    """The model card's lines on the ``fmt`` file written for a ``family`` LoRA."""
+    ui = "ComfyUI (LoraLoaderModelOnly)" if fmt == "comfyui" else "A1111-style UIs and ComfyUI"
+    return (f"\n# {fmt} format ({family} family): for {ui}, use {file.name} (docs/lora_formats.md);"
+            f"\n# in Diffusers: pipe.load_lora_weights(load_file('{file}')) reads it too")  # fmt: skip
+
+
+def convert_lora_folder(lora: str | Path, out: str | Path, fmt: str) -> Path:
+    """The exported LoRA folder ``lora`` copied to ``out`` with ``lora_<fmt>.safetensors`` added; returns ``out``."""
+    from visalign.models.lora_formats import check_format, read_diffusers_lora, write_lora_format
+
+    lora, out = Path(lora), Path(out)
+    _, _, family = read_diffusers_lora(lora)  # a clear error for what is not an exported LoRA
+    if family is None:
+        raise ConfigError(f"{lora} does not name its model family (no visalign_lora.json)")
+    check_format(family, fmt)
+    if not lora.is_dir():
+        raise ConfigError(f"--lora {lora} must be an exported LoRA folder (with visalign_lora.json)")
+    if out.resolve() != lora.resolve():
+        shutil.copytree(lora, out, dirs_exist_ok=True)
+    file = write_lora_format(out, fmt)
+    card = out / "README.md"
+    note = f"\n## {fmt} format\n\nFor {family} in other UIs: `{file.name}` (see visalign's docs/lora_formats.md).\n"
+    card.write_text((card.read_text() if card.exists() else "") + note)
     return out
 
 
@@ -162,10 +214,13 @@ def main(argv: list[str] | None = None) -> Path:
     from visalign.config import parse_config
 
     cfg = parse_config(ExportConfig, argv, prog="visalign export", description=__doc__.split("\n")[0])
-    if cfg.lora is not None:
+    if cfg.lora is not None and not cfg.fuse:
+        out = convert_lora_folder(cfg.lora, cfg.out, cfg.format)
+    elif cfg.lora is not None:
         out = fuse_lora_folder(cfg.lora, cfg.out, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
     else:
-        out = export_checkpoint(cfg.checkpoint, cfg.out, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse)
+        out = export_checkpoint(cfg.checkpoint, cfg.out, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse,
+                                fmt=cfg.format)  # fmt: skip
     what = f"--model {out}" if cfg.fuse else f"--model M --lora {out}"
     print(f"visalign export: {cfg.checkpoint or cfg.lora} -> {out} (compare it: visalign evaluate {what} ...)")
     return out

@@ -128,3 +128,41 @@ def test_fuse_refuses_what_it_cannot_fuse(dpo_run, tiny_pipeline_dir, tmp_path):
     with pytest.raises(ModelError, match="no LoRA adapter to fuse"):
         load_model(str(tiny_pipeline_dir("sd"))).fuse_lora()
     assert not (tmp_path / "x").exists()
+
+
+def test_format_kohya_adds_the_a1111_file_that_plain_diffusers_reads_the_same(dpo_run, tiny_pipeline_dir, tmp_path):
+    """``--format kohya``: the Diffusers LoRA plus ``lora_kohya.safetensors``; the card names format and base."""
+    step = str(dpo_run / "checkpoints" / "step-000003")
+    out = export_main(["--checkpoint", step, "--format", "kohya", "--out", str(tmp_path / "k")])
+    assert same_tensors(out / LORA, dpo_run / "final" / LORA)
+    kohya = load_file(out / "lora_kohya.safetensors")
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}  # the run's lora_alpha
+    card = (out / "README.md").read_text()
+    assert "kohya format" in card and "lora_kohya.safetensors" in card and str(tiny_pipeline_dir("sd")) in card
+    with_kohya, with_diffusers = load_model(str(tiny_pipeline_dir("sd"))), load_model(str(tiny_pipeline_dir("sd")))
+    with_kohya.pipe.load_lora_weights(kohya)  # plain Diffusers' kohya reader
+    with_diffusers.load_lora(out)
+    assert torch.allclose(unet_output(with_kohya), unet_output(with_diffusers), atol=1e-5)
+    converted = export_main(["--lora", str(dpo_run / "final"), "--format", "comfyui", "--out", str(tmp_path / "c")])
+    assert same_tensors(converted / "lora_comfyui.safetensors", out / "lora_kohya.safetensors")
+    assert "comfyui format" in (converted / "README.md").read_text()
+    fused = export_main(["--checkpoint", step, "--fuse", "--format", "kohya", "--out", str(tmp_path / "f")])
+    assert same_tensors(fused / "unet" / "diffusion_pytorch_model.safetensors",
+                        export_main(["--checkpoint", step, "--fuse", "--out", str(tmp_path / "f2")])
+                        / "unet" / "diffusion_pytorch_model.safetensors")  # fmt: skip
+    assert "Diffusers layout" in (fused / "README.md").read_text()
+
+
+def test_format_a_family_lacks_is_refused_before_writing(dpo_run, tmp_path):
+    cog = tiny_model("cogvideox")
+    cog.add_lora(rank=4)
+    cog.save_lora(tmp_path / "cog")
+    with pytest.raises(ModelError, match="cogvideox family has no comfyui LoRA layout"):
+        export_main(["--lora", str(tmp_path / "cog"), "--format", "comfyui", "--out", str(tmp_path / "x")])
+    with pytest.raises(ModelError, match="cogvideox family has no kohya LoRA layout"):
+        export_checkpoint(dpo_run / "checkpoints" / "step-000002", tmp_path / "x", model=tiny_model("cogvideox"),
+                          fmt="kohya")  # fmt: skip
+    with pytest.raises(SystemExit):
+        export_main(["--lora", str(tmp_path / "cog"), "--format", "a1111", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
