@@ -36,8 +36,8 @@ class GenerateConfig:
     guide_end: float = field(1.0, help="guide the first fraction of the steps only (1: every step)")
     seed: int = field(0, help="seed of the first sample; sample i uses seed + i")
     num_per_prompt: int = field(1, help="samples per prompt")
-    steps: int | None = field(None, help="sampling steps (default: the family's)")
-    guidance: float | None = field(None, help="classifier-free guidance scale (default: the family's)")
+    steps: int | None = field(None, help="sampling steps (default: the model's toyworld.json, else the family's)")
+    guidance: float | None = field(None, help="guidance scale (default: the model's toyworld.json, else the family's)")
     negative_prompt: str | None = field(None, help="negative prompt for classifier-free guidance")
     height: int | None = field(None, help="height in pixels (default: the family's)")
     width: int | None = field(None, help="width in pixels (default: the family's)")
@@ -126,6 +126,8 @@ def run(cfg: GenerateConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     rows = []
+    sampling = model.resolve_sampling(steps=cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
+                                      num_frames=cfg.num_frames)  # fmt: skip
     suffix = cfg.video_format if model.is_video else "png"
     for i, media in generate(
         model,
@@ -161,8 +163,7 @@ def run(cfg: GenerateConfig) -> Path:
                     if cfg.guide
                     else {}
                 ),  # fmt: skip
-                "steps": cfg.steps or model.default_steps,
-                "guidance": model.default_guidance if cfg.guidance is None else cfg.guidance,
+                **{k: v for k, v in sampling.items() if k != "set_explicitly"},
                 "negative_prompt": cfg.negative_prompt,
                 "family": model.family,
             }

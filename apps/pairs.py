@@ -33,8 +33,8 @@ class PairsConfig:
     pairing: str = field("best-worst", help="best-worst (one pair per group) or spread (i-th best vs i-th worst)")
     lora: str | None = field(None, help="LoRA to sample with")
     seed: int = field(0, help="candidate k of prompt j in repeat r uses seed + (r * P + j) * K + k")
-    steps: int | None = field(None, help="sampling steps")
-    guidance: float | None = field(None, help="guidance scale")
+    steps: int | None = field(None, help="sampling steps (default: the model's toyworld.json, else the family's)")
+    guidance: float | None = field(None, help="guidance scale (default: the model's toyworld.json, else the family's)")
     height: int | None = field(None, help="height in pixels")
     width: int | None = field(None, help="width in pixels")
     num_frames: int | None = field(None, help="frames per video")
@@ -133,7 +133,12 @@ def make_pairs(
     tmp = out / ".rankings.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rankings))
     os.replace(tmp, out / "rankings.jsonl")
+    sampling = model.resolve_sampling(**sample_kw)  # what every candidate was sampled with
+    tmp = out / ".sampling.json.tmp"
+    tmp.write_text(json.dumps(sampling, indent=2))
+    os.replace(tmp, out / "sampling.json")
     return {
+        "sampling": sampling,
         "pairs": n_pairs,
         "groups": len(rankings),
         "mean_margin": sum(margins) / max(len(margins), 1),

@@ -240,7 +240,8 @@ def evaluate_variants(
     save_image(image_grid(torch.cat(rows), nrow=ncol), out / "grid.png")
     if next(iter(media.values())).ndim == 5:  # videos: the same grid, playing
         save_video(video_grid(torch.cat([m[:ncol] for m in media.values()]), nrow=ncol), out / "grid.mp4")
-    result = {"base": base, "variants": report, "prompts": prompts, "seeds": seeds}
+    result = {"base": base, "variants": report, "prompts": prompts, "seeds": seeds,
+              "sampling": model.resolve_sampling(**sample_kw)}  # fmt: skip
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "report.json")

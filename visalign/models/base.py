@@ -433,6 +433,40 @@ class DiffusionModel(LoraMixin):
         return step
 
     # ----------------------------------------------------------------- attention
+    sampling_source: str = "family"  # where default_steps / default_guidance / default_resolution come from
+
+    def apply_sampling_defaults(self, sampling: dict, source: str) -> None:
+        """This model's own sampling settings (a shapes-world folder's ``toyworld.json``: ``steps``, ``guidance``,
+        ``height``/``width``, ``num_frames``) as its defaults, in place of the family's; every command that samples
+        without an explicit setting then uses them."""
+        if not sampling:
+            return
+        if sampling.get("steps"):
+            self.default_steps = int(sampling["steps"])
+        if sampling.get("guidance") is not None:
+            self.default_guidance = float(sampling["guidance"])
+        if sampling.get("height") and sampling.get("height") == sampling.get("width", sampling["height"]):
+            self.default_resolution = int(sampling["height"])
+        if sampling.get("num_frames") and hasattr(self, "default_num_frames"):
+            self.default_num_frames = int(sampling["num_frames"])
+        self.sampling_source = source
+
+    def resolve_sampling(self, steps=None, guidance=None, height=None, width=None, num_frames=None, **_) -> dict:
+        """What :meth:`sample` uses given these arguments (``None``: the default), which were set explicitly and
+        where the defaults came from: written into metadata and reports so a figure names its settings."""
+        given = {"steps": steps, "guidance": guidance, "height": height, "width": width, "num_frames": num_frames}
+        out = {
+            "steps": steps or self.default_steps,
+            "guidance": self.default_guidance if guidance is None else guidance,
+            "height": height or self.default_resolution,
+            "width": width or self.default_resolution,
+        }
+        if self.is_video:
+            out["num_frames"] = num_frames or getattr(self, "default_num_frames", None)
+        out["set_explicitly"] = [k for k, v in given.items() if v is not None]
+        out["defaults_from"] = self.sampling_source
+        return out
+
     def set_attention(self, backend: str = "sdpa") -> None:
         """Select the attention implementation: ``sdpa`` (PyTorch, default) or ``xformers`` (CUDA only)."""
         from ..attention import check_xformers

@@ -91,4 +91,7 @@ def load_model(
     model = family(pipe, device=device, dtype=torch_dtype)
     model.source = source
     model.set_attention(attention)
+    from visalign.toyworld import sampling_defaults
+
+    model.apply_sampling_defaults(sampling_defaults(source), f"{source}/toyworld.json")
     return model
