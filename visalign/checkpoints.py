@@ -68,6 +68,11 @@ def verify(folder: str | os.PathLike) -> None:
     manifest = folder / MANIFEST
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if not manifest.is_file() and (folder / "rng-0.pt").is_file():
+        raise CheckpointError(
+            f"{folder} was written by an earlier visalign, without a {MANIFEST} and with pickled RNG states "
+            "(rng-N.pt), which are not loaded: start the run again"
+        )
     if not manifest.is_file():
         raise CheckpointError(f"{folder} is incomplete: no {MANIFEST} (its write did not finish)")
     try:
