@@ -102,3 +102,28 @@ def test_families_without_a_layout_and_loras_of_another_family_are_refused(tmp_p
     with pytest.raises(ModelError, match="unknown LoRA format 'a1111'"):
         convert_lora(state, "wan", "a1111", config)
     assert not list(tmp_path.glob("*/lora_*.safetensors"))
+
+
+def test_trainers_write_the_format_with_their_final_export(tiny_pipeline_dir, tmp_path):
+    """--lora_format kohya on a training run: RUN/final holds the kohya file beside the Diffusers one, and a format
+    the family lacks is refused before any training."""
+    from trainers.base import Trainer
+    from trainers.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+    from visalign.data import PreferenceWriter
+
+    writer = PreferenceWriter(tmp_path / "d")
+    g = torch.Generator().manual_seed(0)
+    for prompt in ("a red circle", "a blue square"):
+        writer.append(prompt, torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g))
+    kw = dict(data=str(tmp_path / "d"), max_steps=1, batch_size=2, lora_rank=4, resolution=32, report_to="none",
+              progress=False, learning_rate=1e-2)  # fmt: skip
+    cfg = DiffusionDPOConfig(model=str(tiny_pipeline_dir("sd")), output_dir=str(tmp_path / "run"),
+                             lora_format="kohya", **kw)  # fmt: skip
+    Trainer(DiffusionDPO(cfg)).train()
+    kohya = load_file(str(tmp_path / "run" / "final" / "lora_kohya.safetensors"))
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    assert "lora_kohya.safetensors" in (tmp_path / "run" / "final" / "README.md").read_text()
+    with pytest.raises(ModelError, match="the cogvideox family has no kohya LoRA layout"):
+        DiffusionDPO(DiffusionDPOConfig(model=str(tiny_pipeline_dir("cogvideox")), output_dir=str(tmp_path / "c"),
+                                        lora_format="kohya", **kw))  # fmt: skip
+    assert not (tmp_path / "c").exists()

@@ -525,6 +525,19 @@ class Trainer:
         return {k: float(v) for k, v in zip(keys, values)}
 
 
+LORA_FORMAT_HELP = "also write the final LoRA as lora_<format>.safetensors: kohya (A1111-style UIs) or comfyui"
+
+
+def export_lora_format(out_dir: Path, fmt: str, family: str) -> str:
+    """Write the exported LoRA in ``fmt`` beside the Diffusers file (docs/lora_formats.md); returns a usage line."""
+    if fmt == "diffusers":
+        return ""
+    from visalign.models.lora_formats import write_lora_format
+
+    file = write_lora_format(out_dir, fmt, family)
+    return f"\n# {fmt} format: load {file.name} in your UI (docs/lora_formats.md)"
+
+
 def write_model_card(
     directory: str | os.PathLike,
     *,

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from trainers.base import TrainConfig, resolve_device, write_model_card
+from trainers.base import LORA_FORMAT_HELP, TrainConfig, export_lora_format, resolve_device, write_model_card
 from visalign import losses
 from visalign.config import field
 from visalign.distributed import gather_with_grad
@@ -79,6 +79,7 @@ class DiffusionDPOConfig(TrainConfig):
     )
     cache_dir: str | None = field(None, help="latent cache folder (default: OUTPUT_DIR/../.cache/latents)")
     cache_shard_size: int = field(1024, help="pairs per cache shard (a killed build resumes shard by shard)")
+    lora_format: Literal["diffusers", "kohya", "comfyui"] = field("diffusers", help=LORA_FORMAT_HELP)
     eval_prompts: str | None = field(None, help="prompts to sample at evaluation (.txt/.jsonl; default: none)")
     eval_samples: int = field(16, help="samples per evaluation (seeds eval_seed..eval_seed+n-1)")
     eval_seed: int | None = field(None, help="seed of the first evaluation sample (default: --seed)")
@@ -164,6 +165,10 @@ class DiffusionDPO:
                                               target_modules=cfg.lora_targets)  # fmt: skip
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        if cfg.lora_format != "diffusers":
+            from visalign.models.lora_formats import check_format
+
+            check_format(self.model.family, cfg.lora_format)  # before any training
         resolution = cfg.resolution or self.model.default_resolution
         self.pairs = load_preference_data(cfg.data, resolution=resolution, num_frames=cfg.num_frames,
                                           split=cfg.split, limit=cfg.max_train_samples, streaming=cfg.streaming,
@@ -339,6 +344,7 @@ class DiffusionDPO:
         else:
             self.model.save_lora(out_dir)
             usage = f'pipe = DiffusionPipeline.from_pretrained("{cfg.model}")\npipe.load_lora_weights("{out_dir}")'
+            usage += export_lora_format(out_dir, cfg.lora_format, self.model.family)
         write_model_card(
             out_dir,
             title=f"{type(self).__name__} ({cfg.loss}, beta={cfg.beta:g}) on {cfg.model}",

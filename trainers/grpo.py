@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from trainers.base import TrainingError, resolve_device, write_model_card
+from trainers.base import TrainingError, export_lora_format, resolve_device, write_model_card
 from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's options and presets)
     PRESETS,
     SAMPLER_NOISE_ARG,
@@ -151,6 +151,10 @@ class GRPO:
         self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        if cfg.lora_format != "diffusers":
+            from visalign.models.lora_formats import check_format
+
+            check_format(self.model.family, cfg.lora_format)  # before any training
         self.prompts = read_prompts(cfg.prompts)
         self.guidance = self.model.default_guidance if cfg.guidance is None else cfg.guidance
         name = cfg.sampler if cfg.sampler != "auto" else ("flow-sde" if self.model.is_flow else "ddim")
@@ -548,6 +552,7 @@ class GRPO:
         steps_done = self.micro // cfg.gradient_accumulation_steps
         with self.ema_weights(steps_done):
             self.model.save_lora(out_dir)
+        format_usage = export_lora_format(out_dir, cfg.lora_format, self.model.family)
         if self.monitor.steps:
             self.monitor.save(out_dir / "monitor")
         write_model_card(
@@ -558,7 +563,7 @@ class GRPO:
             config=cfg,
             results=results,
             usage=f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{cfg.model}")\n'
-            f'pipe.load_lora_weights("{out_dir}")',
+            f'pipe.load_lora_weights("{out_dir}")' + format_usage,
         )
 
     # ----------------------------------------------------------------- porting checks

@@ -6,8 +6,9 @@ The trainer is :mod:`trainers.grpo`, which re-exports everything here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from trainers.base import TrainConfig
+from trainers.base import LORA_FORMAT_HELP, TrainConfig
 from visalign.config import field
 from visalign.errors import ConfigError
 
@@ -25,6 +26,7 @@ class GRPOConfig(TrainConfig):
     negative_prompt: str | None = field(None, help="negative prompt of classifier-free guidance (default: '')")
     resolution: int | None = field(None, help="sample height and width (default: the family's)")
     num_frames: int | None = field(None, help="frames per video (video families)")
+    lora_format: Literal["diffusers", "kohya", "comfyui"] = field("diffusers", help=LORA_FORMAT_HELP)
     group_size: int = field(8, help="samples per prompt (G); advantages compare samples of one prompt")
     steps: int = field(10, help="sampling steps of a rollout")
     guidance: float | None = field(None, help="CFG scale in rollouts and training alike (default: the family's)")
