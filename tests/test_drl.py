@@ -156,6 +156,7 @@ def drl_on_toy_flow(tmp_path, steps: int, samples: int) -> tuple[dict, dict]:
                  for s in (0, steps))  # fmt: skip
 
 
+@pytest.mark.slow  # about 2 min alone; the default run asserts that the reward is the logit and GRPO raises its reward
 def test_drl_on_toy_flow_raises_the_discriminators_logit(tmp_path):
     """12 steps, 64 samples: the logit the policy is trained on rises on held-in samples it never rolled out.
 
