@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -167,6 +168,8 @@ def main() -> None:
         row["naive_list"] = measure(["naive", str(data)], env)
         for cache in ("none", "disk"):
             out = work / f"run-{n}-{cache}"
+            for old in (out, Path(f"{out}-cache")):  # measure a cold build, not a cache left by an earlier run
+                shutil.rmtree(old, ignore_errors=True)
             row[f"train_cache_{cache}"] = measure(["train", str(data), str(out), cache, str(args.steps)], env)
         results["rows"].append(row)
         print(json.dumps(row))
@@ -177,7 +180,7 @@ def main() -> None:
         scaling = {}
         for nproc in (1, 2):
             cache = work / f"encode-{nproc}"
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            shutil.rmtree(cache, ignore_errors=True)
             r = measure(["encode", str(data), str(cache)], env, nproc)
             scaling[f"{nproc}_process"] = {**r, "pairs_per_s": r["n"] / r["seconds"]}
             print(f"cache build, {nproc} process(es): {r['n'] / r['seconds']:.0f} pairs/s")
