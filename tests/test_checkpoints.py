@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from test_trainer_loop import Regression, config
+from tiny import write_image_pairs
 from tiny.launch import ROOT, cli_args, torchrun
 
 from trainers.base import Trainer, TrainingError, rng_state, set_rng_state
 from visalign import checkpoints
-from visalign.data import PreferenceWriter
 
 
 def ckpt(root, step: int) -> Path:
@@ -211,13 +211,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt-pairs")
-    writer = PreferenceWriter(d)
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        writer.append(["a red circle", "a blue square"][i % 2], torch.rand(3, 32, 32, generator=g),
-                      torch.rand(3, 32, 32, generator=g))  # fmt: skip
-    return d
+    return write_image_pairs(tmp_path_factory.mktemp("ckpt-pairs"), 8, ["a red circle", "a blue square"])
 
 
 def dpo_args(model, data, out, cache, **kw) -> list[str]:

@@ -14,21 +14,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny import write_image_pairs
 from tiny.launch import ROOT, accelerate_launch, cli_args, torchrun
 
 from apps.cli import main
-from visalign.data import PreferenceWriter
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist-pairs")
-    writer = PreferenceWriter(d)
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        writer.append(["a red circle", "a blue square", "a green triangle"][i % 3],
-                      torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g))  # fmt: skip
-    return d
+    return write_image_pairs(
+        tmp_path_factory.mktemp("dist-pairs"), 8, ["a red circle", "a blue square", "a green triangle"]
+    )
 
 
 def run_args(model, data, out, cache, **kw) -> dict:
@@ -52,8 +48,9 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
         assert diff <= atol, f"{k}: max |diff| {diff:.3g}"
 
 
-@pytest.mark.parametrize("algo, extra", [("diffusion-dpo", {"loss": "sigmoid:1.0,aot_unpaired:1.0"}),
-                                         ("mapo", {"beta": 0.1})])
+@pytest.mark.parametrize(
+    "algo, extra", [("diffusion-dpo", {"loss": "sigmoid:1.0,aot_unpaired:1.0"}), ("mapo", {"beta": 0.1})]
+)
 def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, pairs, tmp_path, algo, extra):
     model = str(tiny_pipeline_dir("sd"))
     one = run_args(model, pairs, tmp_path / "one", tmp_path / "cache1", **extra)

@@ -66,3 +66,15 @@ def train_moves_only_lora(task) -> None:
     assert all(torch.equal(after[n], v) for n, v in base.items()), "a base weight changed"
     assert any(not torch.equal(after[n], v) for n, v in lora.items()), "no LoRA weight changed"
     assert (Path(task.config.output_dir) / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def write_image_pairs(folder, n: int, prompts: list[str], size: int = 32) -> Path:
+    """``n`` random image pairs (prompts cycled) written as a preference dataset folder (``pairs.jsonl``)."""
+    from visalign.data import PreferenceWriter
+
+    writer = PreferenceWriter(folder)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        writer.append(prompts[i % len(prompts)], torch.rand(3, size, size, generator=g),
+                      torch.rand(3, size, size, generator=g))  # fmt: skip
+    return Path(folder)
