@@ -249,6 +249,8 @@ def test_a_failed_rank_stops_the_run_quickly_and_latest_resumes_exactly(tiny_pip
     assert says in str(failed.value) and "rank      : 1" in str(failed.value)  # torchrun names the failed rank
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000002"]
     checkpoints.verify(out / "checkpoints" / "step-000002")
+    if mode != "kill-in-checkpoint":
+        return  # resuming after a raise is the same as after a kill (one launcher run less in the default suite)
     torchrun(2, dpo_args(model, pairs, out, cache, resume_from="latest"))
     resumed = final_lora(out)
     assert resumed.keys() == two_process_full.keys()
