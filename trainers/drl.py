@@ -35,7 +35,7 @@ import torch
 
 from trainers.grpo import GRPO, GRPOConfig
 from visalign.config import field
-from visalign.distributed import process_state
+from visalign.distributed import gather_rows, process_state
 from visalign.errors import ConfigError
 
 HEAD_FILE = "discriminator.safetensors"
@@ -208,9 +208,7 @@ class DRL(GRPO):
         cfg = self.config
         if not cfg.disc_refit_every:
             return ro
-        from accelerate.utils import gather
-
-        new = gather(self.features(ro.pixels).to(process_state().device)).cpu()
+        (new,) = gather_rows(self.features(ro.pixels).cpu())
         self._fakes = new if self._fakes is None else torch.cat([self._fakes, new])[-cfg.disc_samples :]
         if self.rollouts % cfg.disc_refit_every == 0:
             device = self.reward.device

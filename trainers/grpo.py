@@ -56,7 +56,7 @@ from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's op
     toy_flow_clip,
 )
 from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
-from visalign.distributed import process_state
+from visalign.distributed import gather_rows, process_state
 from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
 from visalign.samplers import get_sampler
@@ -65,17 +65,6 @@ from visalign.seeding import example_generator, example_seed
 
 
 # ----------------------------------------------------------------------------------------------- rollouts
-def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each CPU tensor concatenated over processes in rank order (itself alone in a one-process run); every
-    process must pass the same number of rows."""
-    state = process_state()
-    if state.num_processes == 1:
-        return tensors
-    from accelerate.utils import gather
-
-    device = state.device
-    return tuple(gather(t.to(device)).cpu() for t in tensors)
-
 def sample_seed(seed: int, epoch: int, prompt_id: int, member: int) -> int:
     """The generator seed of one rollout sample: member ``member`` of prompt ``prompt_id``'s group in ``epoch``.
 

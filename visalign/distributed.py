@@ -57,3 +57,15 @@ def gather_with_grad(x):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each CPU tensor concatenated over processes in rank order (itself alone in a one-process run); every
+    process must pass the same number of rows."""
+    state = process_state()
+    if state.num_processes == 1:
+        return tensors
+    from accelerate.utils import gather
+
+    device = state.device
+    return tuple(gather(t.to(device)).cpu() for t in tensors)
