@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config_cls, rest, prog=f"visalign train {name}", description=ALGORITHMS[name].help, defaults=defaults
     )
     from trainers.base import Trainer
+    from visalign.distributed import process_state
 
+    process_state()  # the process group, and an FSDP/DeepSpeed request taken off the environment, before any loading
     task = task_cls(config)
     results = task.train() if ALGORITHMS[name].own_loop else Trainer(task).train()
     print(f"visalign train {name}: done; checkpoints and logs in {config.output_dir}, export in "

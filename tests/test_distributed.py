@@ -118,15 +118,17 @@ def prompts(tmp_path_factory):
     return path
 
 
+GRPO_VALUES = dict(reward="stats(stat=brightness)", max_steps=2, batch_size=4, group_size=2, steps=3, guidance=3.0,
+                   resolution=32, lora_rank=4, lora_alpha=4.0, learning_rate=2.0, adam_epsilon=1.0,
+                   lr_scheduler="constant", advantage_std="batch", timestep_selection="window", sde_window=2,
+                   sde_window_range=3, report_to="none", progress=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("algo", ["grpo", "drl"])
 def test_online_rl_on_two_processes_trains_what_one_process_trains(tiny_pipeline_dir, prompts, tmp_path, algo):
     """Rollout samples seeded by (seed, epoch, prompt, member), rewards gathered before the advantages (batch std
     over every process), the SDE window the same on every process: 2 x 2 prompts = 1 x 4 prompts."""
-    values = dict(model=tiny_pipeline_dir("sd"), prompts=prompts, reward="stats(stat=brightness)", max_steps=2,
-                  batch_size=4, group_size=2, steps=3, guidance=3.0, resolution=32, lora_rank=4, lora_alpha=4.0,
-                  learning_rate=2.0, adam_epsilon=1.0, lr_scheduler="constant", advantage_std="batch",
-                  timestep_selection="window", sde_window=2, sde_window_range=3, report_to="none",
-                  progress=False)  # fmt: skip
+    values = {**GRPO_VALUES, "model": tiny_pipeline_dir("sd"), "prompts": prompts}
     if algo == "drl":
         del values["reward"]
         values.update(real_data="toyworld", encoder=ROOT / "assets" / "toyworld" / "toy-clip", disc_samples=8,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -171,7 +173,14 @@ def test_mixed_precision_follows_accelerate_unless_set(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharding_configs_are_refused_clearly(tmp_path, monkeypatch, flag):
+def test_a_sharding_config_on_one_process_trains_unsharded(tmp_path, monkeypatch, flag):
+    """An FSDP or DeepSpeed config is taken off the environment (accelerate forms a plain group; visalign shards:
+    tests/test_sharding.py); with a single process there is nothing to shard over, and the run says so."""
+    from visalign import sharding
+
+    monkeypatch.setattr(sharding, "_launch", None)
     monkeypatch.setenv(flag, "true")
-    with pytest.raises(ConfigError, match=r"asks for (FSDP|DeepSpeed), which visalign's trainers do not support"):
-        Trainer(Regression(config(tmp_path)))
+    trainer = Trainer(Regression(config(tmp_path)))
+    assert trainer.sharding.strategy in ("full_shard", "shard_grad_op") and not trainer.sharded
+    assert flag not in os.environ and trainer.accelerator.distributed_type == "NO"
+    monkeypatch.setattr(sharding, "_launch", None)

@@ -10,7 +10,9 @@ Departures from a stock ``Accelerator.prepare`` loop, and why:
 
 * The model is not wrapped in DDP. LoRA training calls the frozen pipeline's own modules, so gradients of the
   trainable parameters are averaged across processes explicitly after each accumulation cycle, in buckets; the
-  result equals DDP's gradient averaging. FSDP and DeepSpeed configs are refused with a clear message.
+  result equals DDP's gradient averaging. Sharded runs (an FSDP or DeepSpeed ZeRO config, or ``--sharding``)
+  shard the task's modules in place with FSDP2 (:mod:`visalign.sharding`), which averages the gradients itself;
+  their checkpoints hold each process's slice, and evaluation and export run on every process.
 * Data order is a pure function of ``(seed, epoch, position)``, so resuming skips to the exact batch without
   reading the skipped ones; every global batch holds the same examples whatever the number of processes, and
   tasks draw per-example randomness from ``(seed, epoch, index)`` (``set_epoch``), so N processes x batch B
@@ -39,6 +41,7 @@ import torch
 from visalign.config import config_to_dict, field, save_config
 from visalign.distributed import process_state
 from visalign.errors import ConfigError, VisalignError
+from visalign.sharding import full, local_state, optimizer_from_local, resolve_sharding, shard_module, state_from_local
 
 
 class TrainingError(VisalignError):
@@ -76,6 +79,11 @@ class TrainConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = field("tensorboard", help="metrics tracker")
     num_workers: int = field(0, help="data-loader worker processes")
     progress: bool = field(True, help="show a progress bar")
+    sharding: Literal["no", "shard_grad_op", "full_shard"] | None = field(
+        None,
+        help="shard the model over processes (FSDP2): full_shard (ZeRO-3) or shard_grad_op (ZeRO-2); "
+        "default: what an accelerate FSDP or DeepSpeed config asks for, else no",
+    )
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -138,19 +146,6 @@ def resolve_device(device: str) -> str:
     return str(process_state().device)
 
 
-def check_launch() -> None:
-    """Stop with a clear message where an accelerate config asks for what the loop does not do: FSDP and
-    DeepSpeed shard the model, and the model does not go through ``accelerator.prepare`` (see
-    docs/distributed.md); silently training unsharded would run out of memory or mislead."""
-    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
-            raise ConfigError(
-                f"this accelerate config asks for {what}, which visalign's trainers do not support yet: use a "
-                "data-parallel config (examples/accelerate/ddp.yaml) with LoRA, --gradient_checkpointing and "
-                "--dtype bf16 for large models"
-            )
-
-
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -193,11 +188,21 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=False)
         process_state()  # the process group, CPU groups included, before the Accelerator reads it
-        check_launch()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.out / "logs")
         )
         set_seed(cfg.seed + self.accelerator.process_index)
+        self.sharding = resolve_sharding(cfg.sharding)
+        self.sharded = self.sharding.enabled and self.accelerator.num_processes > 1
+        if self.sharded:
+            shard = getattr(task, "shard", None)
+            if shard is None:
+                raise ConfigError(f"{type(task).__name__} cannot be sharded ({self.sharding.source}); train it "
+                                  "data-parallel (--sharding no, or examples/accelerate/ddp.yaml)")  # fmt: skip
+            shard(lambda module: shard_module(module, self.sharding, self.accelerator.device))
+            self.accelerator.print(f"sharding: {self.sharding.strategy} ({self.sharding.source})")
+        elif self.sharding.enabled:
+            self.accelerator.print(f"sharding: {self.sharding.strategy} ({self.sharding.source}) needs 2+ processes")
         self.params = list(task.trainable_parameters())
         if not self.params:
             raise TrainingError("the task has no trainable parameters")
@@ -253,7 +258,10 @@ class Trainer:
             if set_epoch is not None:
                 set_epoch(self.epoch)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=cfg.batch_size, drop_last=True, collate_fn=self.task.collate,
+                self.dataset,
+                batch_size=cfg.batch_size,
+                drop_last=True,
+                collate_fn=self.task.collate,
                 num_workers=cfg.num_workers,
             )
             seen = 0
@@ -305,13 +313,17 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:
-            save_rng(rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
-            if acc.is_main_process:
-                from safetensors.torch import save_file
+            from safetensors.torch import save_file
 
-                state = {k: v.detach().cpu().contiguous() for k, v in self.task.state_dict().items()}
-                save_file(state, tmp / "trainable.safetensors")
-                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_rng(rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
+            if self.sharded:  # each process its slice of the weights and of the optimizer state
+                state = local_state(self.task.state_dict())
+                save_file(_cpu(state), tmp / f"trainable-{acc.process_index}.safetensors")
+                save_torch(local_state(self.optimizer.state_dict()), tmp / f"optimizer-{acc.process_index}.pt")
+            if acc.is_main_process:
+                if not self.sharded:
+                    save_file(_cpu(self.task.state_dict()), tmp / "trainable.safetensors")
+                    save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 save_torch(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
                 meta = {
                     "step": self.step,
@@ -319,6 +331,7 @@ class Trainer:
                     "position": self.position,
                     "num_processes": acc.num_processes,
                     "batch_size": self.config.batch_size,
+                    "sharding": self.sharding.strategy if self.sharded else "no",
                 }
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
                 save_config(self.config, tmp)
@@ -384,9 +397,23 @@ class Trainer:
                 f"{path} was written by {meta['num_processes']} processes with batch_size {meta['batch_size']}; "
                 f"resume with the same (now {acc.num_processes} and {self.config.batch_size}) for an exact resume"
             )
+        sharding = self.sharding.strategy if self.sharded else "no"
+        if meta.get("sharding", "no") != sharding:
+            raise TrainingError(
+                f"{path} was written with sharding {meta.get('sharding', 'no')!r}; resume with the same "
+                f"(now {sharding!r}: --sharding or the accelerate config)"
+            )
         try:
-            self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
-            self.optimizer.load_state_dict(load_torch(Path(path) / "optimizer.pt"))
+            if self.sharded:
+                rank = acc.process_index
+                like = self.task.state_dict()
+                local = load_file(Path(path) / f"trainable-{rank}.safetensors")
+                self.task.load_state_dict(state_from_local(local, like))
+                local = load_torch(Path(path) / f"optimizer-{rank}.pt")
+                self.optimizer.load_state_dict(optimizer_from_local(local, self.params))
+            else:
+                self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
+                self.optimizer.load_state_dict(load_torch(Path(path) / "optimizer.pt"))
             self.lr_scheduler.load_state_dict(load_torch(Path(path) / "lr_scheduler.pt"))
             set_rng_state(load_rng(Path(path) / f"rng-{acc.process_index}.safetensors"))
         except CheckpointError as e:
@@ -397,7 +424,7 @@ class Trainer:
     def _sync_gradients(self, bucket: int = 1 << 24) -> None:
         """Average the gradients over processes (what DDP does), in buckets of at most ``bucket`` elements, so a
         full fine-tune holds one bucket, not a second copy of every gradient."""
-        if self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or self.sharded:  # FSDP has averaged them
             return
         world = self.accelerator.num_processes
         for p in self.params:
@@ -424,12 +451,22 @@ class Trainer:
         evaluate = getattr(self.task, "evaluate", None)
         if evaluate is None:
             return {}
-        results = {}
+        out = self.out / "eval" / f"step-{self.step:06d}"
+        results = self._on_main(lambda folder: evaluate(self.step, folder), out) or {}
         if self.accelerator.is_main_process:
-            results = evaluate(self.step, self.out / "eval" / f"step-{self.step:06d}") or {}
             self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=self.step)
         self.accelerator.wait_for_everyone()
         return results
+
+    def _on_main(self, fn, out_dir: Path):
+        """``fn(out_dir)`` on the main process; in a sharded run on every process (each forward needs every
+        process's shards), the others writing into a scratch folder that is then removed."""
+        if self.accelerator.is_main_process:
+            return fn(out_dir)
+        if not self.sharded:
+            return None
+        with tempfile.TemporaryDirectory(prefix="visalign-scratch-") as scratch:
+            return fn(Path(scratch) / out_dir.name)
 
     def train(self) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -477,7 +514,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.gradient_accumulation_steps
             self._sync_gradients()
             if cfg.max_grad_norm > 0:
-                sums["grad_norm"] = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                sums["grad_norm"] = float(full(acc.clip_grad_norm_(self.params, cfg.max_grad_norm)))
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -502,8 +539,8 @@ class Trainer:
         # an early stop right after an evaluation keeps that evaluation (no second one of the same step)
         results = evaluated if evaluated is not None else self._evaluate()
         export = getattr(self.task, "export", None)
-        if export is not None and acc.is_main_process:
-            export(self.out / "final", results)
+        if export is not None:
+            self._on_main(lambda out: export(out, results), self.out / "final")
         acc.wait_for_everyone()
         acc.end_training()
         return results
@@ -523,6 +560,10 @@ class Trainer:
         values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return {k: float(v) for k, v in zip(keys, values)}
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 LORA_FORMAT_HELP = "also write the final LoRA as lora_<format>.safetensors: kohya (A1111-style UIs) or comfyui"

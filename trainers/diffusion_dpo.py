@@ -186,6 +186,12 @@ class DiffusionDPO:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.params
 
+    def shard(self, apply) -> None:
+        """Shard the denoiser (and a full fine-tune's reference copy) over processes; train the sharded weights."""
+        self.model.shard(apply)
+        full = self.config.full_finetune
+        self.params = list(self.model.denoiser.parameters()) if full else self.model.lora_parameters()
+
     def train_dataset(self):
         return self.pairs if self.encoded is None else self.encoded
 
@@ -339,7 +345,7 @@ class DiffusionDPO:
     def export(self, out_dir: Path, results: dict[str, float]) -> None:
         cfg = self.config
         if cfg.full_finetune:
-            self.model.pipe.save_pretrained(out_dir)
+            self.model.save_pipeline(out_dir)
             usage = f'pipe = DiffusionPipeline.from_pretrained("{out_dir}")'
         else:
             self.model.save_lora(out_dir)

@@ -186,6 +186,13 @@ class GRPO:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.params
 
+    def shard(self, apply) -> None:
+        """Shard the denoiser over processes; the LoRA (and its EMA) are the sharded weights from here on."""
+        self.model.shard(apply)
+        self.params = self.model.lora_parameters()
+        if self.ema is not None:
+            self.ema = [p.detach().clone() for p in self.params]
+
     def train_dataset(self):
         return list(range(len(self.prompts)))
 
@@ -518,7 +525,8 @@ class GRPO:
         frames = media[:, 0] if media.ndim == 5 else media
         save_image(image_grid(frames, nrow=min(8, len(frames))), out_dir / "samples.png")
         (out_dir / "report.json").write_text(json.dumps({"step": step, "results": results}, indent=2))
-        self.monitor.save(Path(cfg.output_dir) / "monitor")
+        if process_state().is_main_process:  # a sharded run evaluates on every process
+            self.monitor.save(Path(cfg.output_dir) / "monitor")
         return results
 
     def extra_metrics(self, media: torch.Tensor, texts: list[str]) -> dict[str, float]:

@@ -25,6 +25,9 @@ def process_state():
     """accelerate's ``PartialState`` (process index, count, device, ``wait_for_everyone``), CPU groups included."""
     from accelerate import PartialState
 
+    from visalign.sharding import launch_sharding
+
+    launch_sharding()  # an FSDP / DeepSpeed request is read and taken off the environment: visalign shards
     cpu = launched_processes() > 1 and not torch.cuda.is_available()
     if cpu:  # the Accelerator reads this; the first PartialState decides the group (a singleton)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")

@@ -112,6 +112,35 @@ class LoraMixin:
             module.to("cpu" if offload else self.device)
         self._reference, self._offload_reference = module, offload
 
+    def shard(self, apply) -> None:
+        """Shard the denoiser, and a frozen reference copy kept on the device, with ``apply`` (the trainer's FSDP2
+        sharding, :func:`visalign.sharding.shard_module`); :meth:`lora_parameters` then returns the sharded ones."""
+        apply(self.denoiser)
+        reference = getattr(self, "_reference", None)
+        if reference is not None and not self._offload_reference:
+            apply(reference)
+
+    def save_pipeline(self, directory: str | os.PathLike) -> None:
+        """The pipeline with its current denoiser weights, in Diffusers format. A sharded denoiser is gathered
+        whole first (a collective: every process calls this; the main process writes)."""
+        from ..distributed import process_state
+        from ..sharding import full_state, is_sharded
+
+        denoiser = self.denoiser
+        if not any(is_sharded(p) for p in denoiser.parameters()):
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+            return
+        whole = full_state(denoiser.state_dict())
+        if not process_state().is_main_process:
+            return
+        plain = type(denoiser).from_config(denoiser.config)
+        plain.load_state_dict(whole)
+        setattr(self.pipe, self.denoiser_name, plain)
+        try:
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+        finally:
+            setattr(self.pipe, self.denoiser_name, denoiser)
+
     @contextlib.contextmanager
     def reference(self):
         """The reference model for DPO/KL terms: the frozen copy when one is set, else the LoRA switched off."""
@@ -177,7 +206,9 @@ class LoraMixin:
             raise ModelError(f"no LoRA adapter named {adapter_name!r}; present: {self.adapter_names or 'none'}")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        state = self.lora_state_dict(adapter_name)
+        from ..sharding import full_state
+
+        state = full_state(self.lora_state_dict(adapter_name))  # a sharded adapter gathered whole
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         metadata = self.denoiser.peft_config[adapter_name].to_dict()
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
