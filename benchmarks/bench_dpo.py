@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.video_pipelines import VIDEO_PRESETS, build_video_pipeline  # noqa: E402
 from trainers.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig  # noqa: E402
 from trainers.mapo import MaPO, MaPOConfig  # noqa: E402
+from visalign.attention import SDPA_BACKENDS  # noqa: E402
 from visalign.data import PreferenceWriter  # noqa: E402
+from visalign.flops import denoiser_forward_flops, mfu, peak_tflops, preference_step_flops  # noqa: E402
 from visalign.media import save_image  # noqa: E402
 
 
@@ -232,17 +234,27 @@ METHODS = {
 }
 
 
+# each lever alone, on top of the defaults (--lever NAME,...): the options of the trainers' configs
+LEVERS = {
+    "base": {},
+    "compile": {"compile": True},
+    "channels_last": {"channels_last": True},
+    "fused_adam": {"fused_adam": True},
+    **{name: {"attention": name} for name in SDPA_BACKENDS},
+}
+
+
 def write_pairs(directory: Path, args) -> None:
-    """``--batch`` random pairs; videos as folders of PNG frames (no video codec needed)."""
+    """``max(--batches)`` random pairs; videos as folders of PNG frames (no video codec needed)."""
     g = torch.Generator().manual_seed(0)
     shape = (3, args.resolution, args.resolution)
     if not args.num_frames:
         writer = PreferenceWriter(directory)
-        for i in range(args.batch):
+        for i in range(max(args.batches)):
             writer.append(f"a photo of object {i}", torch.rand(shape, generator=g), torch.rand(shape, generator=g))
         return
     rows = []
-    for i in range(args.batch):
+    for i in range(max(args.batches)):
         row = {"prompt": f"a video of object {i}", "label": 1.0}
         for side in ("chosen", "rejected"):
             folder = directory / "media" / f"{i}-{side}"
@@ -269,13 +281,14 @@ def run_one(method: str, model_dir, data_dir, args) -> dict:
         progress=False,
         device=args.device,
         dtype=args.dtype,
-        cache_dir=str(Path(args.tmp) / "cache" / method),
+        cache_dir=str(Path(args.tmp) / "cache" / f"{method}-{args.batch}-{args.lever}"),
         **({"loss": loss} if cfg_cls is DiffusionDPOConfig else {}),
+        **LEVERS[args.lever],
     )
     times = []
     with PeakMemory(args.device) as mem:
         task = task_cls(cfg)
-        opt = torch.optim.AdamW(task.trainable_parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(task.trainable_parameters(), lr=1e-5, fused=cfg.fused_adam or None)  # as the loop
         data = task.train_dataset()
         for step in range(args.warmup + args.steps):
             t0 = time.perf_counter()
@@ -293,6 +306,18 @@ def run_one(method: str, model_dir, data_dir, args) -> dict:
     return {"step_s_median": median, "pairs_per_s": args.batch / median, "peak_mib": (mem.peak - mem.base) / 2**20}
 
 
+def forward_flops(model_dir, args) -> int:
+    """``F``: the denoiser forward of one sample at the benchmarked shape (counted once, eagerly)."""
+    from visalign.models import load_model
+
+    model = load_model(model_dir, device=args.device, dtype=args.dtype)
+    flops = denoiser_forward_flops(model, args.resolution, args.num_frames)
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return flops
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", help="architecture of the random-weight pipeline (see above)")
@@ -301,21 +326,47 @@ def main():
     p.add_argument("--num_frames", type=int, default=None, help="frames per video (video presets)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
+    p.add_argument("--batches", default=None, help="a sweep of pairs per step, e.g. 1,2,4 (default: --batch)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--levers", default="base", help=f"comma-separated, each run alone: {', '.join(LEVERS)}")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", help="weights of the frozen base: fp32, fp16 or bf16 (LoRA is fp32)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU's table)")
     p.add_argument("--out", default="benchmarks/results/bench_dpo.json")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     p.add_argument("--_model", help=argparse.SUPPRESS)
     p.add_argument("--_tmp", help=argparse.SUPPRESS)
+    p.add_argument("--lever", default="base", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
+    methods, levers = args.methods.split(","), args.levers.split(",")
+    for name, known in [(m, METHODS) for m in methods] + [(lv, LEVERS) for lv in levers]:
+        if name not in known:
+            sys.exit(f"unknown {name!r}; choose from {', '.join(known)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if args._one:
         args.tmp = args._tmp
         print(json.dumps(run_one(args._one, args._model, Path(args._tmp) / "pairs", args)))
         return
+    cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
+    peak = args.peak_tflops or (peak_tflops(device, args.dtype) if cuda else None)
+    report = {
+        "preset": args.preset if not args.model else args.model,
+        "resolution": args.resolution,
+        "num_frames": args.num_frames,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "lora_rank": args.rank,
+        "dtype": args.dtype,
+        "device": device,
+        "peak_tflops": peak,
+        "flops_method": "denoiser only, FlopCounterMode; step = 2 samples/pair x (forward + 2x backward) "
+        "+ reference forward (DPO); see visalign/flops.py",
+        "results": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         model_dir = Path(args.model) if args.model else Path(tmp) / "pipe"
@@ -325,9 +376,15 @@ def main():
             if args.dtype != "fp32":  # halves what is written and read again by each method's process
                 pipe.to(dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16)
             pipe.save_pretrained(model_dir)
+            del pipe
+        forward = forward_flops(model_dir, args)
+        report["forward_flops_per_sample"] = forward
+        print(
+            f"denoiser forward: {forward / 1e9:.2f} GFLOP per sample; peak {peak or '(unknown)'} TFLOP/s", flush=True
+        )
         write_pairs(Path(tmp) / "pairs", args)
-        rows = []
-        for method in METHODS:  # each in a fresh process, so one method's memory does not count for the next
+        for batch, lever, method in [(b, lv, m) for b in args.batches for lv in levers for m in methods]:
+            # each in a fresh process, so one run's memory does not count for the next
             cmd = [
                 sys.executable,
                 __file__,
@@ -337,38 +394,31 @@ def main():
                 str(model_dir),
                 "--_tmp",
                 tmp,
-                *[
-                    f"--{k}={getattr(args, k)}"
-                    for k in ("resolution", "batch", "rank", "steps", "warmup", "device", "dtype")
-                ],  # fmt: skip
+                f"--batch={batch}",
+                f"--lever={lever}",
+                *[f"--{k}={getattr(args, k)}" for k in ("resolution", "rank", "steps", "warmup", "device", "dtype")],
                 *([f"--num_frames={args.num_frames}"] if args.num_frames else []),
                 *(["--gradient_checkpointing"] if args.gradient_checkpointing else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-            out = proc.stdout.strip().splitlines()[-1]
-            result = json.loads(out)
-            rows.append({"method": method, **result})
+                print(f"{method} batch {batch} {lever} failed:\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            flops = preference_step_flops(forward, batch, reference=METHODS[method][2] != "mapo")
+            util = mfu(flops, result["step_s_median"], peak)
+            row = {"method": method, "batch_pairs": batch, "lever": lever, **result, "step_flops": flops,
+                   "tflops_per_s": flops / result["step_s_median"] / 1e12, "mfu": util}  # fmt: skip
+            report["results"].append(row)
             print(
-                f"{method:15s} step {result['step_s_median'] * 1000:8.1f} ms  {result['pairs_per_s']:7.2f} pairs/s"
-                f"  peak +{result['peak_mib']:8.1f} MiB",
+                f"{method:14s} batch {batch:2d} {lever:14s} step {result['step_s_median'] * 1000:8.1f} ms "
+                f"{result['pairs_per_s']:7.2f} pairs/s  {row['tflops_per_s']:8.3f} TFLOP/s"
+                + (f"  MFU {util:6.1%}" if util is not None else "")
+                + f"  peak +{result['peak_mib']:8.1f} MiB",
                 flush=True,
             )
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    report = {
-        "preset": args.preset if not args.model else args.model,
-        "resolution": args.resolution,
-        "num_frames": args.num_frames,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "batch_pairs": args.batch,
-        "lora_rank": args.rank,
-        "dtype": args.dtype,
-        "device": device,
-        "results": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a time box keeps the rest
+            Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"saved {args.out}")
 
 

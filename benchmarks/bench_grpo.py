@@ -29,9 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_dpo import LEVERS  # noqa: E402
 from benchmarks.video_pipelines import VIDEO_PRESETS, build_video_pipeline  # noqa: E402
 from reward_models.base import Reward, RewardSpec  # noqa: E402
 from trainers.grpo import GRPO, GRPOConfig  # noqa: E402
+from visalign.flops import denoiser_forward_flops, grpo_rollout_flops, mfu, peak_tflops  # noqa: E402
 from visalign.metrics import brightness  # noqa: E402
 
 PRESETS = {
@@ -102,7 +104,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
+def run_mode(mode: str, lever: str, args, prompt_file: str, out_dir: str) -> dict:
     from visalign.models import FAMILIES
 
     video = args.preset in VIDEO_PRESETS
@@ -111,16 +113,17 @@ def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
     family = args.preset.split("-")[0] if video else "sd3"
     model = FAMILIES[family](pipe, device=args.device, dtype=getattr(torch, args.dtype))
     model.source = f"random {args.preset}"
+    forward = denoiser_forward_flops(model, args.resolution, args.num_frames if video else None)  # eager, no LoRA
     selection = {"full SDE": {}, "SDE window": {"timestep_selection": "window", "sde_window": args.window}}[mode]
     cfg = GRPOConfig(
         model=model.source, reward="brightness", prompts=prompt_file, output_dir=out_dir, batch_size=args.prompts,
         group_size=args.group, steps=args.steps, guidance=4.5, resolution=args.resolution, lora_rank=args.rank,
         lora_alpha=float(args.rank), beta_kl=args.beta_kl, train_batch_size=args.train_batch, report_to="none",
         progress=False, device=args.device, max_steps=1, num_frames=args.num_frames if video else None,
-        gradient_checkpointing=args.gradient_checkpointing, **selection,
+        gradient_checkpointing=args.gradient_checkpointing, **selection, **LEVERS[lever],
     )  # fmt: skip
     task = GRPO(cfg, model=model, reward=Brightness().to(args.device))
-    opt = torch.optim.AdamW(task.params, lr=1e-5)
+    opt = torch.optim.AdamW(task.params, lr=1e-5, fused=cfg.fused_adam or None)  # as the loop builds it
     gas = cfg.gradient_accumulation_steps
     rollouts, updates, steps = [], [], 0
     if args.device.startswith("cuda"):
@@ -146,14 +149,24 @@ def run_mode(mode: str, args, prompt_file: str, out_dir: str) -> dict:
             updates.append(time.perf_counter() - t1)
     samples = args.prompts * args.group
     rollout_s, update_s = sorted(rollouts)[len(rollouts) // 2], sorted(updates)[len(updates) // 2]
+    flops = grpo_rollout_flops(forward, samples, cfg.steps, cfg.trained_steps, cfg=model.uses_cfg(cfg.guidance),
+                               kl=cfg.beta_kl > 0)  # fmt: skip
     result = {
         "mode": mode,
+        "lever": lever,
+        "forward_flops_per_sample": forward,
+        "rollout_flops": flops["total"],
         "trained_steps_per_sample": cfg.trained_steps,
         "rollout_samples_per_s": samples / rollout_s,
         "rollout_s": rollout_s,
         "update_s_per_rollout": update_s,
         "update_s_per_optimizer_step": update_s / cfg.updates_per_rollout,
         "total_s_per_rollout": rollout_s + update_s,
+        "samples_per_s": samples / (rollout_s + update_s),
+        "tflops_per_s": flops["total"] / (rollout_s + update_s) / 1e12,
+        "mfu": mfu(flops["total"], rollout_s + update_s, args.peak),
+        "rollout_mfu": mfu(flops["rollout"], rollout_s, args.peak),
+        "update_mfu": mfu(flops["update"], update_s, args.peak),
     }
     if args.device.startswith("cuda"):
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -177,29 +190,41 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--modes", default="full SDE,SDE window", help="comma-separated: full SDE, SDE window")
+    p.add_argument("--levers", default="base", help=f"comma-separated, each run alone: {', '.join(LEVERS)}")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU's table)")
     p.add_argument("--out", default="benchmarks/results/bench_grpo.json")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
+    args.peak = args.peak_tflops or (peak_tflops(device, args.dtype) if cuda else None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.txt"
         prompt_file.write_text("\n".join(f"a photo of object {i}" for i in range(args.prompts)) + "\n")
-        for mode in ("full SDE", "SDE window"):
-            result = run_mode(mode, args, str(prompt_file), str(Path(tmp) / mode.replace(" ", "-")))
-            rows.append(result)
-            peak = f"  peak {result['peak_gib']:.1f} GiB" if "peak_gib" in result else ""
-            print(f"{mode:10s}  trains {result['trained_steps_per_sample']} steps/sample  rollout "
-                  f"{result['rollout_samples_per_s']:7.2f} samples/s  update {result['update_s_per_rollout']:7.2f} s"
-                  f" per rollout ({result['update_s_per_optimizer_step']:.2f} s/step)  total "
-                  f"{result['total_s_per_rollout']:7.2f} s{peak}", flush=True)  # fmt: skip
-    full, window = rows
-    saving = 1 - window["total_s_per_rollout"] / full["total_s_per_rollout"]
-    print(f"SDE window: {saving:.0%} less time per rollout (rollout + update)")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    report = {**{k: v for k, v in vars(args).items() if k != "out"}, "device": device, "results": rows,
-              "window_time_saving": saving}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        for lever in args.levers.split(","):
+            for mode in args.modes.split(","):
+                out_dir = str(Path(tmp) / f"{mode}-{lever}".replace(" ", "-"))
+                result = run_mode(mode, lever, args, str(prompt_file), out_dir)
+                rows.append(result)
+                peak = f"  peak {result['peak_gib']:.1f} GiB" if "peak_gib" in result else ""
+                util = f"  MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
+                print(f"{mode:10s} {lever:13s} trains {result['trained_steps_per_sample']} steps/sample  rollout "
+                      f"{result['rollout_samples_per_s']:7.2f} samples/s  update "
+                      f"{result['update_s_per_rollout']:7.2f} s"
+                      f" per rollout ({result['update_s_per_optimizer_step']:.2f} s/step)  total "
+                      f"{result['total_s_per_rollout']:7.2f} s ({result['samples_per_s']:.2f} samples/s, "
+                      f"{result['tflops_per_s']:.3f} TFLOP/s{util}){peak}", flush=True)  # fmt: skip
+                report = {**{k: v for k, v in vars(args).items() if k != "out"}, "device": device, "results": rows}
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a time box keeps the rest
+                Path(args.out).write_text(json.dumps(report, indent=2))
+    by_mode = {r["mode"]: r for r in rows if r["lever"] == rows[0]["lever"]}
+    if len(by_mode) == 2:
+        saving = 1 - by_mode["SDE window"]["total_s_per_rollout"] / by_mode["full SDE"]["total_s_per_rollout"]
+        print(f"SDE window: {saving:.0%} less time per rollout (rollout + update)")
+        report["window_time_saving"] = saving
+        Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"saved {args.out}")
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     adam_beta1: float = field(0.9, help="AdamW beta1")
     adam_beta2: float = field(0.999, help="AdamW beta2")
     adam_epsilon: float = field(1e-8, help="AdamW epsilon")
+    fused_adam: bool = field(False, help="fused AdamW kernel (one kernel per step; CUDA and CPU)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables clipping)")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         None, help="autocast precision of the forward pass (default: accelerate launch's or its config's, else no)"
@@ -212,6 +213,7 @@ class Trainer:
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
+            fused=cfg.fused_adam or None,
         )
         self.lr_scheduler = build_lr_scheduler(cfg, optimizer)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)

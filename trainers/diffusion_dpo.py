@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from trainers.base import LORA_FORMAT_HELP, TrainConfig, export_lora_format, resolve_device, write_model_card
+from trainers.speed import ATTENTION_HELP, SpeedOptions, apply_speed_options
 from visalign import losses
 from visalign.config import field
 from visalign.distributed import gather_with_grad
@@ -49,7 +50,7 @@ def parse_params(text: str | None) -> dict[str, float | str]:
 
 
 @dataclass
-class DiffusionDPOConfig(TrainConfig):
+class DiffusionDPOConfig(SpeedOptions, TrainConfig):
     model: str | None = field(None, help="base pipeline: hub id or local folder (e.g. assets/toyworld/toy-sd)")
     data: str | None = field(None, help="preference pairs: .jsonl/.parquet, a folder, a saved dataset or a hub id")
     loss: str = field("sigmoid", help="pairwise loss (or 'name:weight,...' mix) from visalign.losses")
@@ -66,7 +67,7 @@ class DiffusionDPOConfig(TrainConfig):
     timestep_max: float = field(1000.0, help="train only on timesteps < this")
     dtype: str = field("fp32", help="frozen weights dtype: fp32, fp16 or bf16 (LoRA weights stay fp32)")
     device: str = field("auto", help="cpu, cuda or auto")
-    attention: str = field("sdpa", help="attention backend: sdpa or xformers")
+    attention: str = field("sdpa", help=ATTENTION_HELP)
     split: str = field("train", help="dataset split to train on (hub datasets and saved DatasetDicts)")
     streaming: bool = field(False, help="stream a hub dataset (or .parquet/.jsonl) instead of downloading it first; "
                                         "pairs are encoded every step (implies --cache none)")  # fmt: skip
@@ -165,6 +166,7 @@ class DiffusionDPO:
                                               target_modules=cfg.lora_targets)  # fmt: skip
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        apply_speed_options(self.model, cfg)
         if cfg.lora_format != "diffusers":
             from visalign.models.lora_formats import check_format
 

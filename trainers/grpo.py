@@ -55,6 +55,7 @@ from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's op
     flow_grpo_sd3_pickscore,
     toy_flow_clip,
 )
+from trainers.speed import apply_speed_options
 from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
 from visalign.distributed import gather_rows, process_state
 from visalign.errors import ConfigError
@@ -140,6 +141,7 @@ class GRPO:
         self.params = self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
         if cfg.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        apply_speed_options(self.model, cfg)
         if cfg.lora_format != "diffusers":
             from visalign.models.lora_formats import check_format
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from trainers.base import LORA_FORMAT_HELP, TrainConfig
+from trainers.speed import ATTENTION_HELP, SpeedOptions
 from visalign.config import field
 from visalign.errors import ConfigError
 
@@ -17,7 +18,7 @@ SAMPLER_NOISE_ARG = {"flow-sde": "noise_level", "cps": "noise_level", "dance-sde
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(SpeedOptions, TrainConfig):
     """GRPO options. ``batch_size`` is the number of prompts per process per rollout."""
 
     model: str | None = field(None, help="base pipeline: hub id or local folder (e.g. assets/toyworld/toy-flow)")
@@ -53,7 +54,7 @@ class GRPOConfig(TrainConfig):
     ema_decay: float = field(0.0, help="EMA of the LoRA weights for evaluation and export (0: off)")
     dtype: str = field("fp32", help="frozen weights dtype: fp32, fp16 or bf16 (LoRA weights and log-probs fp32)")
     device: str = field("auto", help="cpu, cuda or auto")
-    attention: str = field("sdpa", help="attention backend: sdpa or xformers")
+    attention: str = field("sdpa", help=ATTENTION_HELP)
     eval_prompts: str | None = field(None, help="held-out prompts sampled at evaluation (.txt/.jsonl)")
     eval_samples: int = field(16, help="samples per evaluation (seeds eval_seed..eval_seed+n-1)")
     eval_seed: int | None = field(

@@ -468,13 +468,19 @@ class DiffusionModel(LoraMixin):
         return out
 
     def set_attention(self, backend: str = "sdpa") -> None:
-        """Select the attention implementation: ``sdpa`` (PyTorch, default) or ``xformers`` (CUDA only)."""
-        from ..attention import check_xformers
+        """Select the attention implementation: ``sdpa`` (PyTorch's SDPA, its own kernel choice; default), one SDPA
+        kernel for the denoiser (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``) or ``xformers``
+        (CUDA only)."""
+        from ..attention import SDPA_BACKENDS, check_xformers, use_sdpa_backend
 
         if backend == "sdpa":
             return
+        if backend in SDPA_BACKENDS:
+            use_sdpa_backend(self.denoiser, backend, self.device)
+            return
         if backend != "xformers":
-            raise ModelError(f"unknown attention backend {backend!r}; choose 'sdpa' or 'xformers'")
+            choices = ", ".join(["sdpa", *SDPA_BACKENDS, "xformers"])
+            raise ModelError(f"unknown attention backend {backend!r}; choose one of {choices}")
         check_xformers(self.device)
         self.pipe.enable_xformers_memory_efficient_attention()
 

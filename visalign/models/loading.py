@@ -72,7 +72,8 @@ def load_model(
         name_or_path: e.g. ``"stabilityai/stable-diffusion-xl-base-1.0"`` or ``"assets/toyworld/toy-sd"``.
         device, dtype: where and in what precision the frozen weights live (LoRA params stay fp32).
         revision, variant: passed to ``DiffusionPipeline.from_pretrained`` (``variant="fp16"`` for fp16 files).
-        attention: ``"sdpa"`` (default) or ``"xformers"``.
+        attention: ``"sdpa"`` (default), one SDPA kernel (``"sdpa-flash"``, ``"sdpa-efficient"``, ``"sdpa-cudnn"``,
+            ``"sdpa-math"``) or ``"xformers"``.
         pipeline_kwargs: component overrides, e.g. ``text_encoder_3=None`` to drop SD3's T5.
     """
     from diffusers import DiffusionPipeline
