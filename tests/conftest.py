@@ -18,6 +18,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _short_stream_shutdown_pause():
+    """``datasets`` pauses 5 s each time a streamed parquet's iteration ends (a guard for Arrow's reader threads,
+    which have all finished by then); the streaming tests end many short streams, so they pause 0.5 s."""
+    import datasets
+
+    saved = datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.5
+    yield
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """``tiny_pipeline_dir(name) -> Path``: a saved tiny pipeline folder, built once per session."""

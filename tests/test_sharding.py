@@ -73,14 +73,21 @@ def pairs(tmp_path_factory):
 
 def test_fsdp_config_shards_a_lora_run_and_trains_what_one_process_trains(tiny_pipeline_dir, pairs, tmp_path):
     """The shipped FSDP config's variables (full shard) under torchrun: each process holds half of every LoRA
-    weight, the final export gathers them, and the weights equal the one-process run's."""
+    weight, the evaluation samples on both processes, the final export gathers the weights, and they equal the
+    one-process run's."""
     model = str(tiny_pipeline_dir("sd"))
-    assert main(["train", "diffusion-dpo", *cli_args(run_args(model, pairs, tmp_path / "one", tmp_path / "c1"))]) == 0
-    two = run_args(model, pairs, tmp_path / "two", tmp_path / "c2", batch_size=2, checkpoint_every=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    evaluation = dict(eval_prompts=prompts, eval_samples=2, eval_steps=2, eval_reward="stats(stat=brightness)")
+    one = run_args(model, pairs, tmp_path / "one", tmp_path / "c1", **evaluation)
+    assert main(["train", "diffusion-dpo", *cli_args(one)]) == 0
+    two = run_args(model, pairs, tmp_path / "two", tmp_path / "c2", batch_size=2, checkpoint_every=2, **evaluation)
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
     out = torchrun(2, ["train", "diffusion-dpo", *cli_args(two)], env=env)
     assert "sharding: full_shard (accelerate FSDP config)" in out
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"))
+    reports = [json.loads((tmp_path / r / "eval" / "step-000003" / "report.json").read_text()) for r in ("one", "two")]
+    assert reports[0]["results"] == pytest.approx(reports[1]["results"], abs=1e-5) and reports[0]["results"]
     step = tmp_path / "two" / "checkpoints" / "step-000003"
     assert json.loads((step / "trainer_state.json").read_text())["sharding"] == "full_shard"
     halves = [load_file(str(step / f"trainable-{r}.safetensors")) for r in (0, 1)]
@@ -118,6 +125,7 @@ def test_deepspeed_zero3_config_shards_a_full_finetune(tiny_pipeline_dir, pairs,
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # the sharding mechanism is the DPO tests'; this adds GRPO's rollouts and monitor on shards
 def test_grpo_sharded_trains_what_one_process_trains(tiny_pipeline_dir, tmp_path):
     """Flow-GRPO's rollouts run on every process's shards (``--sharding shard_grad_op``); the end-of-run
     evaluation runs on both processes and the main one writes it."""

@@ -495,6 +495,7 @@ def video_smoke(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 40 s on 2 cores; the shared pretraining loop runs by default in the toy-sd/toy-flow smoke
 def test_toy_video_pretraining_smoke_writes_a_loadable_pipeline(video_smoke):
     from diffusers import AutoencoderKLWan, WanPipeline
 
@@ -524,11 +525,11 @@ def test_toy_video_pretraining_smoke_writes_a_loadable_pipeline(video_smoke):
         assert video.shape == (1, 8, 3, 32, 32)
 
 
-def test_toy_video_vae_reuse_needs_a_wan_vae(video_smoke):
+def test_toy_video_vae_reuse_needs_a_wan_vae():
     from visalign.errors import ConfigError
     from visalign.toyworld.pretrain_video import load_video_vae
 
-    assert load_video_vae(video_smoke).config.scale_factor_temporal == 1
+    assert load_video_vae(ASSETS / "toy-video").config.scale_factor_temporal == 1
     with pytest.raises(ConfigError, match="AutoencoderKLWan"):
         load_video_vae(ASSETS / "toy-sd")  # an image AutoencoderKL
 

@@ -152,12 +152,16 @@ def block_names(module: torch.nn.Module, sharding: Sharding) -> set[str]:
 def shard_module(module: torch.nn.Module, sharding: Sharding, device: torch.device | str) -> int:
     """Shard ``module`` in place over every process: each block named by :func:`block_names` (innermost first),
     then the module itself. Parameters become DTensors (each process holds its slice); gradients are averaged over
-    processes as DDP's are. Returns the number of sharded units."""
+    processes as DDP's are. ``shard_grad_op`` keeps a unit's parameters whole from its forward to its backward; a
+    module with no trainable parameter is resharded after each forward whatever the strategy. Returns the number
+    of sharded units."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device = torch.device(device)
     offload = CPUOffloadPolicy() if sharding.offload and device.type != "cpu" else OffloadPolicy()
-    kwargs = dict(reshard_after_forward=sharding.strategy == "full_shard", offload_policy=offload)
+    # a frozen module (a reference copy) has no backward to reshard it: it reshards after every forward
+    frozen = not any(p.requires_grad for p in module.parameters())
+    kwargs = dict(reshard_after_forward=sharding.strategy == "full_shard" or frozen, offload_policy=offload)
     names = block_names(module, sharding)
     units = 0
     for sub in reversed(list(module.modules())):  # children before their parents
