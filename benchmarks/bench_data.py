@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY_SD = ROOT / "assets" / "toyworld" / "toy-sd"
 
 
-def write_pickapic(path: Path, n: int, seed: int = 0, group: int = 1000) -> Path:
-    """``n`` Pick-a-Pic-schema rows of random 64 px JPEG pairs, written ``group`` rows at a time."""
+def write_pickapic(path: Path, n: int, seed: int = 0, group: int = 1000, size: int = 64) -> Path:
+    """``n`` Pick-a-Pic-schema rows of random ``size`` px JPEG pairs, written ``group`` rows at a time."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -42,7 +42,7 @@ def write_pickapic(path: Path, n: int, seed: int = 0, group: int = 1000) -> Path
     def jpeg():
         base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # smooth-ish: upsampled noise, realistic sizes
         buf = io.BytesIO()
-        Image.fromarray(base).resize((64, 64), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(buf, format="JPEG", quality=90)
         return buf.getvalue()
 
     colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]

@@ -30,3 +30,7 @@ step 45 python3 benchmarks/bench_dpo.py --preset wan-1.3b --resolution 480 --num
 step 45 python3 benchmarks/bench_grpo.py --preset wan-1.3b --resolution 480 --num_frames 17 --prompts 1 --group 4 \
     --train_batch 2 --repeats 1 --warmup 0 --modes "SDE window" --dtype bfloat16 --gradient_checkpointing \
     --device cuda --out "$OUT/bench_grpo_wan13b_480x17_gpu.json"
+# 6. (issue 23, last: about 3 min, run it alone if the box above is spent) the streaming data path against a
+#    resident batch, SDXL architecture at 1024 px, JPEGs decoded in 4 workers: goal >= 0.95 of the throughput
+step 200 python3 benchmarks/bench_stream.py --preset sdxl --resolution 1024 --batch 1 --steps 8 --warmup 2 \
+    --dtype bf16 --gradient_checkpointing --num_workers 4 --device cuda --out "$OUT/bench_stream_sdxl_1024_gpu.json"

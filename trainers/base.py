@@ -197,6 +197,9 @@ class Trainer:
         self.sharded = self.sharding.enabled and self.accelerator.num_processes > 1
         if self.sharded:
             shard = getattr(task, "shard", None)
+            if getattr(cfg, "compile", False):
+                raise ConfigError("--compile with a sharded run is not supported yet (untested with FSDP2's hooks): "
+                                  "drop --compile, or train data-parallel (--sharding no)")  # fmt: skip
             if shard is None:
                 raise ConfigError(f"{type(task).__name__} cannot be sharded ({self.sharding.source}); train it "
                                   "data-parallel (--sharding no, or examples/accelerate/ddp.yaml)")  # fmt: skip
