@@ -9,10 +9,10 @@ STEPS=${2:-150}
 SEED=${3:-0}
 TOY=assets/toyworld
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-python -m apps.cli train grpo --preset toy-flow-clip --model $TOY/toy-sd --guidance 3 --eval_guidance 3 \
+visalign train grpo --preset toy-flow-clip --model $TOY/toy-sd --guidance 3 --eval_guidance 3 \
     --reward "oracle(score=dense)" --learning_rate 3e-3 --lr_scheduler constant --beta_kl 0.01 \
     --max_steps "$STEPS" --eval_every 25 --eval_samples 128 --seed "$SEED" --report_to none --output_dir "$OUT"
 for split in held_in held_out; do  # 256 samples per split on seeds the training never saw
-    python -m apps.cli evaluate --model $TOY/toy-sd --lora "$OUT/final" --prompts $TOY/prompts/$split.txt --oracle \
+    visalign evaluate --model $TOY/toy-sd --lora "$OUT/final" --prompts $TOY/prompts/$split.txt --oracle \
         --n 256 --seed 100000 --steps 20 --guidance 3 --out "$OUT/evaluate/$split"
 done
