@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_trainer_loop import Regression, config
 from tiny import write_image_pairs
-from tiny.launch import ROOT, cli_args, torchrun
+from tiny.launch import ROOT, cli_args, launch, torchrun
 
 from trainers.base import Trainer, TrainingError, rng_state, set_rng_state
 from visalign import checkpoints
@@ -230,7 +230,7 @@ def final_lora(out) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_full(tiny_pipeline_dir, pairs, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt-full")
-    torchrun(2, dpo_args(tiny_pipeline_dir("sd"), pairs, root / "out", root / "cache"))
+    launch(2, dpo_args(tiny_pipeline_dir("sd"), pairs, root / "out", root / "cache"))
     return final_lora(root / "out")
 
 
@@ -253,7 +253,7 @@ def test_a_failed_rank_stops_the_run_quickly_and_latest_resumes_exactly(tiny_pip
     checkpoints.verify(out / "checkpoints" / "step-000002")
     if mode != "kill-in-checkpoint":
         return  # resuming after a raise is the same as after a kill (one launcher run less in the default suite)
-    torchrun(2, dpo_args(model, pairs, out, cache, resume_from="latest"))
+    launch(2, dpo_args(model, pairs, out, cache, resume_from="latest"))
     resumed = final_lora(out)
     assert resumed.keys() == two_process_full.keys()
     assert all(torch.equal(resumed[k], two_process_full[k]) for k in resumed)

@@ -1,4 +1,5 @@
-"""Two real processes (torchrun, gloo on a CPU) train what one process with the whole batch trains.
+"""Two real processes (gloo on a CPU; started by ``tiny.launch.launch``, or by ``accelerate launch`` as a user
+does) train what one process with the whole batch trains.
 
 Per-example draws (noise, timestep, flip, the VAE's posterior sample) are seeded by (seed, epoch, example index)
 and the global batch of every step holds the same examples whatever the number of processes, so 2 processes x
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny import write_image_pairs
-from tiny.launch import ROOT, accelerate_launch, cli_args, torchrun
+from tiny.launch import ROOT, accelerate_launch, cli_args, launch
 
 from apps.cli import main
 
@@ -59,7 +60,7 @@ def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, pairs, t
     if algo == "mapo":  # as a user launches it: accelerate launch with the shipped two-process CPU config
         accelerate_launch(ROOT / "examples" / "accelerate" / "cpu2.yaml", ["train", algo, *cli_args(two)])
     else:
-        torchrun(2, ["train", algo, *cli_args(two)])
+        launch(2, ["train", algo, *cli_args(two)])
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"))
     # the cache: rank 0 encoded shards 0 and 2, rank 1 shard 1 (8 pairs in shards of 3), and they hold what the
     # one-process build holds
@@ -87,6 +88,8 @@ loss = objective(chosen_logratios=gather_with_grad(mine_c), rejected_logratios=g
 loss.backward()
 out = {"loss": loss.item(), "grad_c": (mine_c.grad / state.num_processes).tolist()}
 json.dump(out, open(sys.argv[1] + f"/rank{state.process_index}.json", "w"))
+state.wait_for_everyone()  # as the trainer's end: no process leaves while gloo still talks to it
+state.destroy_process_group()
 """
 
 
@@ -97,7 +100,7 @@ def test_a_batch_level_loss_sees_the_global_batch(tmp_path):
 
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    torchrun(2, [str(tmp_path)], script=script)
+    launch(2, [str(tmp_path)], script=script)
     g = torch.Generator().manual_seed(0)
     r_c, r_r = torch.randn(8, generator=g).requires_grad_(), torch.randn(8, generator=g)
     objective = losses.build("aot_unpaired", beta=2.0)
@@ -134,5 +137,5 @@ def test_online_rl_on_two_processes_trains_what_one_process_trains(tiny_pipeline
         values.update(real_data="toyworld", encoder=ROOT / "assets" / "toyworld" / "toy-clip", disc_samples=8,
                       disc_steps=20, disc_batch_size=8)  # fmt: skip
     assert main(["train", algo, *cli_args({**values, "output_dir": tmp_path / "one"})]) == 0
-    torchrun(2, ["train", algo, *cli_args({**values, "output_dir": tmp_path / "two", "batch_size": 2})])
+    launch(2, ["train", algo, *cli_args({**values, "output_dir": tmp_path / "two", "batch_size": 2})])
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"), atol=1e-5)

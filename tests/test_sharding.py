@@ -1,4 +1,4 @@
-"""Sharded runs (FSDP2): what accelerate FSDP and DeepSpeed configs ask for, and two real processes (torchrun, gloo
+"""Sharded runs (FSDP2): what accelerate FSDP and DeepSpeed configs ask for, and two real processes (gloo
 on a CPU) that shard the model and still train the weights one unsharded process trains; a resume under sharding
 equals the uninterrupted run."""
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import assert_same_weights, lora, run_args
 from tiny import write_image_pairs
-from tiny.launch import ROOT, cli_args, torchrun
+from tiny.launch import ROOT, cli_args, launch
 
 from apps.cli import main
 from visalign import sharding
@@ -72,7 +72,7 @@ def pairs(tmp_path_factory):
 
 
 def test_fsdp_config_shards_a_lora_run_and_trains_what_one_process_trains(tiny_pipeline_dir, pairs, tmp_path):
-    """The shipped FSDP config's variables (full shard) under torchrun: each process holds half of every LoRA
+    """The shipped FSDP config's variables (full shard) in two processes: each process holds half of every LoRA
     weight, the evaluation samples on both processes, the final export gathers the weights, and they equal the
     one-process run's."""
     model = str(tiny_pipeline_dir("sd"))
@@ -83,7 +83,7 @@ def test_fsdp_config_shards_a_lora_run_and_trains_what_one_process_trains(tiny_p
     assert main(["train", "diffusion-dpo", *cli_args(one)]) == 0
     two = run_args(model, pairs, tmp_path / "two", tmp_path / "c2", batch_size=2, checkpoint_every=2, **evaluation)
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
-    out = torchrun(2, ["train", "diffusion-dpo", *cli_args(two)], env=env)
+    out = launch(2, ["train", "diffusion-dpo", *cli_args(two)], env=env)
     assert "sharding: full_shard (accelerate FSDP config)" in out
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "two"))
     reports = [json.loads((tmp_path / r / "eval" / "step-000003" / "report.json").read_text()) for r in ("one", "two")]
@@ -99,7 +99,7 @@ def test_fsdp_config_shards_a_lora_run_and_trains_what_one_process_trains(tiny_p
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "two" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
-    torchrun(2, ["train", "diffusion-dpo", *cli_args({**two, "output_dir": resumed, "resume_from": "latest"})],
+    launch(2, ["train", "diffusion-dpo", *cli_args({**two, "output_dir": resumed, "resume_from": "latest"})],
              env=env)  # fmt: skip
     assert_same_weights(lora(tmp_path / "two"), lora(resumed), atol=0)
 
@@ -115,7 +115,7 @@ def test_deepspeed_zero3_config_shards_a_full_finetune(tiny_pipeline_dir, pairs,
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
     two = run_args(model, pairs, tmp_path / "two", tmp_path / "c2", batch_size=2, **values)
-    out = torchrun(2, ["train", "diffusion-dpo", *cli_args(two)], env=env)
+    out = launch(2, ["train", "diffusion-dpo", *cli_args(two)], env=env)
     assert f"sharding: full_shard (DeepSpeed config {config} (ZeRO-3))" in out
     weights = Path("unet") / "diffusion_pytorch_model.safetensors"
     a, b = (load_file(str(tmp_path / run / "final" / weights)) for run in ("one", "two"))
@@ -137,7 +137,7 @@ def test_grpo_sharded_trains_what_one_process_trains(tiny_pipeline_dir, tmp_path
               "eval_samples": 2, "eval_steps": 2}  # fmt: skip
     assert main(["train", "grpo", *cli_args({**values, "output_dir": tmp_path / "one"})]) == 0
     two = {**values, "output_dir": tmp_path / "two", "batch_size": 2, "sharding": "shard_grad_op"}
-    assert "sharding: shard_grad_op (--sharding)" in torchrun(2, ["train", "grpo", *cli_args(two)])
+    assert "sharding: shard_grad_op (--sharding)" in launch(2, ["train", "grpo", *cli_args(two)])
     runs = ("one", "two")
     assert_same_weights(*(lora(tmp_path / run) for run in runs), atol=1e-5)
     one, two = (json.loads((tmp_path / run / "eval" / "step-000002" / "report.json").read_text()) for run in runs)
