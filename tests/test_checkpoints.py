@@ -22,6 +22,8 @@ from tiny.launch import ROOT, cli_args, launch, torchrun
 from trainers.base import Trainer, TrainingError, rng_state, set_rng_state
 from visalign import checkpoints
 
+pytestmark = pytest.mark.xdist_group("processes")  # one worker runs the multi-process tests, one at a time
+
 
 def ckpt(root, step: int) -> Path:
     return Path(root) / "checkpoints" / f"step-{step:06d}"

@@ -20,6 +20,8 @@ from tiny.launch import ROOT, accelerate_launch, cli_args, launch
 
 from apps.cli import main
 
+pytestmark = pytest.mark.xdist_group("processes")  # one worker runs the multi-process tests, one at a time
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):

@@ -20,6 +20,8 @@ from visalign import sharding
 from visalign.errors import ConfigError
 from visalign.sharding import Sharding, deepspeed_sharding, fsdp_strategy
 
+pytestmark = pytest.mark.xdist_group("processes")  # one worker runs the multi-process tests, one at a time
+
 
 def test_fsdp_strategies_as_accelerate_reads_them():
     """FSDP2 reads reshard_after_forward, FSDP1 sharding_strategy (accelerate launch always sets the latter)."""
