@@ -308,7 +308,7 @@ class Trainer:
         main process then lists them in a manifest (sizes, SHA-256) written last, and renames the folder into
         place. A write that fails (a full disk) removes the temporary folder, leaves the earlier checkpoints as
         they were and stops the run with :class:`TrainingError`."""
-        from visalign.checkpoints import save_rng, save_torch, write_manifest
+        from visalign.checkpoints import save_rng, save_torch, save_trainable, write_manifest
 
         acc = self.accelerator
         final = self.checkpoint_root / f"step-{self.step:06d}"
@@ -318,17 +318,13 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:
-            from safetensors.torch import save_file
-
             save_rng(rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
             if self.sharded:  # each process its slice of the weights and of the optimizer state
-                state = local_state(self.task.state_dict())
-                save_file(_cpu(state), tmp / f"trainable-{acc.process_index}.safetensors")
-                save_torch(local_state(self.optimizer.state_dict()), tmp / f"optimizer-{acc.process_index}.pt")
+                weights, optimizer = (local_state(m.state_dict()) for m in (self.task, self.optimizer))
+                save_trainable(tmp, weights, optimizer, rank=acc.process_index)
             if acc.is_main_process:
                 if not self.sharded:
-                    save_file(_cpu(self.task.state_dict()), tmp / "trainable.safetensors")
-                    save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                    save_trainable(tmp, self.task.state_dict(), self.optimizer.state_dict())
                 save_torch(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
                 meta = {
                     "step": self.step,
@@ -387,9 +383,7 @@ class Trainer:
         return Path(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
-        from visalign.checkpoints import CheckpointError, load_rng, load_torch
+        from visalign.checkpoints import CheckpointError, load_rng, load_torch, load_trainable
 
         path = self.resolve_checkpoint(path)
         meta_file = Path(path) / "trainer_state.json"
@@ -409,16 +403,12 @@ class Trainer:
                 f"(now {sharding!r}: --sharding or the accelerate config)"
             )
         try:
-            if self.sharded:
-                rank = acc.process_index
-                like = self.task.state_dict()
-                local = load_file(Path(path) / f"trainable-{rank}.safetensors")
-                self.task.load_state_dict(state_from_local(local, like))
-                local = load_torch(Path(path) / f"optimizer-{rank}.pt")
-                self.optimizer.load_state_dict(optimizer_from_local(local, self.params))
-            else:
-                self.task.load_state_dict(load_file(Path(path) / "trainable.safetensors"))
-                self.optimizer.load_state_dict(load_torch(Path(path) / "optimizer.pt"))
+            weights, optimizer = load_trainable(path, rank=acc.process_index if self.sharded else None)
+            if self.sharded:  # this process's slices, made into shards of the model's layout again
+                weights = state_from_local(weights, self.task.state_dict())
+                optimizer = optimizer_from_local(optimizer, self.params)
+            self.task.load_state_dict(weights)
+            self.optimizer.load_state_dict(optimizer)
             self.lr_scheduler.load_state_dict(load_torch(Path(path) / "lr_scheduler.pt"))
             set_rng_state(load_rng(Path(path) / f"rng-{acc.process_index}.safetensors"))
         except CheckpointError as e:
@@ -565,10 +555,6 @@ class Trainer:
         values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return {k: float(v) for k, v in zip(keys, values)}
-
-
-def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 LORA_FORMAT_HELP = "also write the final LoRA as lora_<format>.safetensors: kohya (A1111-style UIs) or comfyui"

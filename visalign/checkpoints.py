@@ -99,6 +99,29 @@ def is_complete(folder: str | os.PathLike) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------- the trained state
+def save_trainable(folder: str | os.PathLike, weights: dict, optimizer: dict, rank: int | None = None) -> None:
+    """The trainable weights (safetensors) and the optimizer state: ``trainable.safetensors`` and ``optimizer.pt``,
+    or with ``rank`` one process's slice of a sharded run (``trainable-RANK.safetensors``, ``optimizer-RANK.pt``)."""
+    from safetensors.torch import save_file
+
+    suffix = "" if rank is None else f"-{rank}"
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in weights.items()}, Path(folder) / f"trainable{suffix}.safetensors"
+    )
+    save_torch(optimizer, Path(folder) / f"optimizer{suffix}.pt")
+
+
+def load_trainable(folder: str | os.PathLike, rank: int | None = None) -> tuple[dict, dict]:
+    """What :func:`save_trainable` wrote: ``(weights, optimizer state)``."""
+    from safetensors.torch import load_file
+
+    suffix = "" if rank is None else f"-{rank}"
+    return load_file(Path(folder) / f"trainable{suffix}.safetensors"), load_torch(
+        Path(folder) / f"optimizer{suffix}.pt"
+    )
+
+
 # ----------------------------------------------------------------- pickle-free state files
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` of a state that holds only tensors, numbers, strings and containers of them (an optimizer's or
