@@ -87,6 +87,36 @@ def test_flow_sde_sigma_one_uses_sigma_max_and_requires_it():
         flow_sde_step(v, x, 1.0 - 1e-6, 0.9)
 
 
+def test_flow_sde_step_is_flow_grpos_per_step_log_prob_on_the_same_tensors():
+    """Port check: flow_grpo's ``sde_step_with_logprob`` arranges the step differently (a coefficient on the sample
+    and one on the model output; the log-density written term by term with sigma = 1 mapped to sigma_max inside
+    the std only); written that way here, it gives our mean, sample and per-sample log-prob on the same tensors."""
+    v, x, eps = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2), randn(*SHAPE, seed=3)
+    sigma, sigma_next, a, sigma_max = FLOW_SCHEDULE["sigma"], FLOW_SCHEDULE["sigma_next"], 0.7, 0.9
+    ours = flow_sde_step(v, x, sigma, sigma_next, noise_level=a, sigma_max=sigma_max, noise=eps)
+    sig, dt = sigma.view(-1, 1, 1, 1), (sigma_next - sigma).view(-1, 1, 1, 1)
+    std_dev_t = torch.sqrt(sig / (1 - torch.where(sig == 1, torch.tensor(sigma_max), sig))) * a
+    mean = x * (1 + std_dev_t**2 / (2 * sig) * dt) + v * (1 + std_dev_t**2 * (1 - sig) / (2 * sig)) * dt
+    prev = mean + std_dev_t * torch.sqrt(-dt) * eps
+    log_prob = (
+        -((prev.detach() - mean) ** 2) / (2 * (std_dev_t * torch.sqrt(-dt)) ** 2)
+        - torch.log(std_dev_t * torch.sqrt(-dt))
+        - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    ).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ours.mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.prev_sample, prev, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.log_prob, log_prob, rtol=1e-5, atol=1e-5)
+    # the update re-scores the stored sample under the policy's new prediction: the same expression again
+    v2 = v + 0.1 * randn(*SHAPE, seed=4)
+    again = flow_sde_step(v2, x, sigma, sigma_next, noise_level=a, sigma_max=sigma_max, prev_sample=prev)
+    mean2 = x * (1 + std_dev_t**2 / (2 * sig) * dt) + v2 * (1 + std_dev_t**2 * (1 - sig) / (2 * sig)) * dt
+    lp2 = (-((prev - mean2) ** 2) / (2 * (std_dev_t**2) * -dt) - torch.log(std_dev_t * torch.sqrt(-dt))).mean(
+        dim=(1, 2, 3)
+    ) - math.log(math.sqrt(2 * math.pi))
+    torch.testing.assert_close(again.log_prob, lp2, rtol=1e-5, atol=1e-5)
+    assert (again.log_prob - ours.log_prob).abs().min() > 1e-5  # the ratio moves with the prediction
+
+
 def test_dance_sde_mean_and_std():
     v, x = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2)
     sigma, sigma_next, eta = 0.6, 0.45, 0.3
