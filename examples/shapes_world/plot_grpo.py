@@ -80,7 +80,8 @@ def main(argv: list[str]) -> int:
     if per_step:
         top = axes[0].secondary_xaxis("top", functions=(lambda s: s * per_step, lambda m: m / per_step))
         top.set_xlabel(f"minutes of training ({runs[0].rpartition('=')[0] or Path(runs[0]).name})")
-    axes[0].set(xlabel="step", ylabel="oracle accuracy (%)", title="strict held-in / held-out, squares (shape)")
+    axes[0].set(xlabel="step", ylabel="oracle accuracy (%)")
+    axes[0].set_title("strict held-in / held-out, squares (shape)", pad=30 if per_step else 6)
     axes[1].set(xlabel="step", ylabel="mean reward of a rollout (10-step mean)", title="training reward")
     axes[2].set(xlabel="step", ylabel="KL to the base (10-step mean)", title="KL")
     for ax in axes:
