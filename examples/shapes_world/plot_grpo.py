@@ -17,8 +17,9 @@ def evaluations(run: Path) -> dict[str, list[float]]:
     """Step, held-in / held-out strict accuracy and square shape accuracy of every ``eval/step-N/report.json``."""
     rows = {"step": [], "held_in": [], "held_out": [], "squares": []}
     for report in sorted((run / "eval").glob("step-*/report.json")):
-        results = json.loads(report.read_text())["results"]
-        rows["step"].append(json.loads(report.read_text())["step"])
+        data = json.loads(report.read_text())
+        results = data["results"]
+        rows["step"].append(data["step"])
         for key, name in (("held_in", "held_in/strict_acc"), ("held_out", "held_out/strict_acc"),
                           ("squares", "square/shape_acc")):  # fmt: skip
             rows[key].append(100 * results.get(f"oracle/{name}", float("nan")))
