@@ -64,6 +64,16 @@ class EvaluateConfig:
             raise ConfigError("--experts_alone, --skip_stride and --skip_above need --experts")
 
 
+
+def lora_names(paths: list[str]) -> list[str]:
+    """Row names of the LoRAs: the shortest path tails that tell them apart (``run_a/final``, ``run_b/final``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names) and "base" not in names:
+            return names
+    return [f"{name}-{i}" for i, name in enumerate(names)]  # the same folder twice
+
 def run(cfg: EvaluateConfig) -> dict:
     import torch
 
@@ -79,8 +89,7 @@ def run(cfg: EvaluateConfig) -> dict:
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype)
     variants: dict[str, str | None] = {"base": None}
-    for i, path in enumerate(cfg.lora):
-        name = Path(path).name if Path(path).name not in variants else f"{Path(path).name}-{i}"
+    for i, (path, name) in enumerate(zip(cfg.lora, lora_names(cfg.lora))):
         model.load_lora(path, adapter_name=f"variant{i}")
         variants[name] = f"variant{i}"
     if cfg.experts:

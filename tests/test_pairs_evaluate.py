@@ -206,3 +206,13 @@ def test_evaluate_needs_something_to_measure(tiny_pipeline_dir, tmp_path, capsys
 
     rc = main(["evaluate", "--model", str(tiny_pipeline_dir("sd")), "--prompts", "x", "--out", str(tmp_path)])
     assert rc == 2 and "nothing to measure" in capsys.readouterr().err
+
+
+def test_evaluate_names_each_lora_by_the_path_tail_that_tells_it_apart(tmp_path):
+    from apps.evaluate import lora_names
+
+    assert lora_names([str(tmp_path / "run" / "final")]) == ["final"]
+    a, b = str(tmp_path / "mapo" / "final"), str(tmp_path / "dpo" / "final")
+    assert lora_names([a, b]) == ["mapo/final", "dpo/final"]
+    assert lora_names([str(tmp_path / "x" / "base"), a]) == ["x/base", "mapo/final"]  # never the base row's name
+    assert len(set(lora_names([a, a]))) == 2  # the same folder twice still gets two rows

@@ -96,7 +96,7 @@ class DiffusionModel(LoraMixin):
         self.device = torch.device(device)
         self.dtype = dtype
         pipe.to(device=self.device)
-        if pipe.dtype != dtype:  # a pipeline built in code; from_pretrained(torch_dtype=...) already placed it and
+        if pipe.dtype != dtype:  # a pipeline built in code; from_pretrained(dtype=...) already placed it and
             pipe.to(dtype=dtype)  # keeps the modules a model marks as fp32 (Wan's norms, rotary) in fp32
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):

@@ -85,7 +85,7 @@ def load_model(
     kwargs = {**family.load_kwargs(index), **pipeline_kwargs}
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            source, torch_dtype=torch_dtype, revision=revision, variant=variant, **kwargs
+            source, dtype=torch_dtype, revision=revision, variant=variant, **kwargs
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load the {family.family} pipeline from {source}: {e}") from e
