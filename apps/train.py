@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 from visalign.config import parse_config
@@ -133,6 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results = task.train() if ALGORITHMS[name].own_loop else Trainer(task).train()
     print(f"visalign train {name}: done; checkpoints and logs in {config.output_dir}, export in "
           f"{config.output_dir}/final")  # fmt: skip
+    timing = Path(config.output_dir) / "timing.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        print(f"  {t['steps']} steps in {t['train_seconds']:.1f} s ({t['seconds_per_step']:.3g} s/step), "
+              f"evaluations during training {t['eval_seconds']:.1f} s")  # fmt: skip
     for key, value in results.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     return results

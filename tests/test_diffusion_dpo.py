@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -101,6 +102,11 @@ def test_resume_equals_uninterrupted(tiny_pipeline_dir, pair_data, tmp_path, nam
     Trainer(resumed).train()
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # each run writes its own wall time: the whole run 4 steps from step 1, the resumed one steps 3-4
+    for run, first, steps in (("a", 1, 4), ("b", 3, 2)):
+        timing = json.loads((tmp_path / run / "run" / "timing.json").read_text())
+        assert (timing["first_step"], timing["steps"]) == (first, steps) and timing["train_seconds"] > 0
+        assert timing["seconds_per_step"] == pytest.approx(timing["train_seconds"] / steps)
 
 
 def test_ipo_and_mixed_losses_run(tiny_pipeline_dir, pair_data, tmp_path):

@@ -53,8 +53,15 @@ def parse(argv: list[str]):
     return parse_config({"evaluate": EvaluateConfig, "pairs": PairsConfig}[command], rest)
 
 
+TOY = "assets/toyworld"
+
+
 @pytest.mark.parametrize(
-    "script, model", [("grpo_oracle.sh", "assets/toyworld/toy-sd"), ("flow_grpo_oracle.sh", "assets/toyworld/toy-flow")]
+    "script, model",
+    [
+        ("grpo_oracle.sh", f"{TOY}/toy-sd"),
+        ("flow_grpo_oracle.sh", f"{TOY}/toy-flow"),
+    ],
 )
 def test_grpo_oracle_scripts_run_what_they_say(script, model, tmp_path):
     out = tmp_path / "run"
@@ -72,3 +79,20 @@ def test_grpo_oracle_scripts_run_what_they_say(script, model, tmp_path):
         assert evaluate.model == model and evaluate.lora == [str(out / "final")] and evaluate.oracle
         assert evaluate.prompts.endswith(f"{split}.txt") and evaluate.seed != train.seed and evaluate.n >= 256
     assert commands[3][1:] == [str(SCRIPTS / "plot_grpo.py"), str(out / "curve.png"), str(out)]
+
+
+def test_mapo_style_trains_both_methods_on_the_same_pairs_and_steps(tmp_path):
+    out = tmp_path / "run"
+    commands = recorded_commands("mapo_style.sh", [str(out), "40"], tmp_path)
+    names = [" ".join(c[:2]) for c in commands]
+    assert names == ["visalign pairs", *["visalign train"] * 2, *["visalign evaluate"] * 2, "python -"]
+    pairs = parse(commands[0][1:])
+    assert pairs.reward == "stats(stat=saturation)" and pairs.out == str(out / "pairs")
+    mapo, dpo = parse(commands[1][1:]), parse(commands[2][1:])
+    assert [commands[1][2], commands[2][2]] == ["mapo", "diffusion-dpo"]
+    for config in (mapo, dpo):
+        assert (config.data, config.max_steps, config.batch_size) == (pairs.out, 40, 16)
+    for command in commands[3:5]:
+        evaluate = parse(command[1:])
+        assert evaluate.lora == [str(out / "mapo" / "final"), str(out / "dpo" / "final")]
+        assert evaluate.reward == pairs.reward and evaluate.oracle and evaluate.n >= 256

@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from visalign.config import config_to_dict, field, save_config
+from visalign.config import config_to_dict, field, save_config, save_json
 from visalign.distributed import process_state
 from visalign.errors import ConfigError, VisalignError
 from visalign.sharding import full, local_state, optimizer_from_local, resolve_sharding, shard_module, state_from_local
@@ -487,7 +488,9 @@ class Trainer:
         set_epoch = getattr(self.task, "set_epoch", None)
         epoch, position = self.epoch, self.position
         evaluated = None  # the results of an evaluation at the step the loop ended on
+        timing = {"first_step": self.step + 1, "steps": 0, "train_seconds": 0.0, "eval_seconds": 0.0}
         while self.step < cfg.max_steps:
+            started = time.perf_counter()
             sums: dict[str, float] = {}
             for micro in range(cfg.gradient_accumulation_steps):
                 if wants_data is None or wants_data():
@@ -514,9 +517,13 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            seconds = time.perf_counter() - started  # data, forward, backward and the update (a rollout included)
+            timing["steps"] += 1
+            timing["train_seconds"] += seconds
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 logged = self._reduce_metrics(sums)
                 logged["lr"] = self.lr_scheduler.get_last_lr()[0]
+                logged["time/step_s"] = seconds
                 acc.log(logged, step=self.step)
                 bar.set_postfix(loss=f"{logged['loss']:.4g}")
             bar.update(1)
@@ -524,13 +531,18 @@ class Trainer:
                 self.save_checkpoint()
             evaluated = None
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                started = time.perf_counter()
                 evaluated = self._evaluate()
+                timing["eval_seconds"] += time.perf_counter() - started
             hook = getattr(self.task, "on_step_end", None)
             if hook is not None and self._all_agree_to_stop(hook(self.step) is True):
                 acc.print(f"training stopped early at step {self.step} by the task (see its logs)")
                 break
         bar.close()
         self.save_checkpoint()
+        timing["seconds_per_step"] = timing["train_seconds"] / max(timing["steps"], 1)
+        if acc.is_main_process:  # this run's wall time (a resumed run counts its own steps), final evaluation aside
+            save_json(timing, self.out / "timing.json")
         # an early stop right after an evaluation keeps that evaluation (no second one of the same step)
         results = evaluated if evaluated is not None else self._evaluate()
         export = getattr(self.task, "export", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -106,6 +107,15 @@ def explicit_values(config_cls: type, argv: list[str]) -> dict[str, Any]:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass (or an already plain dict, e.g. a checkpoint's config.yaml) as a dict."""
     return dict(config) if isinstance(config, dict) else dataclasses.asdict(config)
+
+
+def save_json(obj: Any, path: str | os.PathLike, **dumps_kwargs) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, **dumps_kwargs))
+    os.replace(tmp, path)
+    return path
 
 
 def save_config(config: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

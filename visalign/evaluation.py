@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import save_json
 from .errors import ConfigError
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -165,7 +166,7 @@ def evaluate_samples(
     results = oracle_metrics(media, texts) if oracle else {}
     for name, fn in (scorers or {}).items():
         results[f"reward/{name}"] = float(torch.as_tensor(fn(media, texts)).float().mean())
-    (out / "report.json").write_text(json.dumps({"prompts": texts, "seeds": seeds, "results": results}, indent=2))
+    save_json({"prompts": texts, "seeds": seeds, "results": results}, out / "report.json")
     return results
 
 
@@ -242,9 +243,7 @@ def evaluate_variants(
         save_video(video_grid(torch.cat([m[:ncol] for m in media.values()]), nrow=ncol), out / "grid.mp4")
     result = {"base": base, "variants": report, "prompts": prompts, "seeds": seeds,
               "sampling": model.resolve_sampling(**sample_kw)}  # fmt: skip
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "report.json")
+    save_json(result, out / "report.json")
     return result
 
 

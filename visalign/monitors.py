@@ -13,7 +13,6 @@ Everything here takes plain tensors and floats: the caller (a trainer, ``visalig
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .config import save_json
 from .metrics import drift_stats, frechet_distance, pairwise_diversity
 
 __all__ = ["RewardHackingMonitor", "drift_report", "hacking_alarm", "within_prompt_diversity"]
@@ -226,9 +226,7 @@ class RewardHackingMonitor:
             "alarm_step": self.alarm_step,
             "history": self.history(),
         }
-        tmp = directory / ".monitor.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2, default=lambda x: None))
-        os.replace(tmp, directory / "monitor.json")
+        save_json(report, directory / "monitor.json", default=lambda x: None)
         if self.steps:
             self.plot(directory / "monitor.png")
         return directory / "monitor.json"
