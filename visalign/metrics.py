@@ -16,11 +16,16 @@ def _images(media: torch.Tensor) -> torch.Tensor:
     return media.flatten(0, 1) if media.ndim == 5 else media
 
 
-def saturation(media: torch.Tensor) -> torch.Tensor:
-    """Mean HSV saturation ``(max - min) / max`` per sample ``[N]`` (0 where the pixel is black)."""
+def saturation_map(media: torch.Tensor) -> torch.Tensor:
+    """HSV saturation ``(max - min) / max`` of each pixel (0 where it is black): ``media`` without its channel axis."""
     x = media.float()
     mx, mn = x.amax(dim=-3), x.amin(dim=-3)
-    s = torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx))
+    return torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx))
+
+
+def saturation(media: torch.Tensor) -> torch.Tensor:
+    """Mean HSV saturation per sample ``[N]`` (:func:`saturation_map` averaged; videos over frames too)."""
+    s = saturation_map(media)
     return s.flatten(1).mean(1) if media.ndim == 4 else s.flatten(2).mean(2).mean(1)
 
 

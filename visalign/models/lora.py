@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -47,6 +49,28 @@ def lora_file(path: str | os.PathLike) -> Path:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{file} is not a LoRA: not a safetensors file ({reason}); expected {LORA_EXPECTED}") from e
     return file
+
+
+class _SkipNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No LoRA keys associated to" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_lora_load():
+    """Diffusers' notices that a denoiser-only LoRA has no text-encoder keys, and peft's that a model holds more than
+    one adapter, silenced while a visalign LoRA loads: both are by design (the file's keys were checked first)."""
+    loggers = [logging.getLogger(f"diffusers.loaders.{name}") for name in ("lora_base", "lora_pipeline", "peft")]
+    notice = _SkipNotice()
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
 
 
 class LoraMixin:
@@ -237,7 +261,8 @@ class LoraMixin:
         path = Path(path)
         file = lora_file(path)
         self._check_lora_family(path, file)
-        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        with quiet_lora_load():
+            self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
         self.denoiser.set_adapter(adapter_name)
 
     def _check_lora_family(self, path: Path, file: Path) -> None:
