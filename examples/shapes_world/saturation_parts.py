@@ -48,7 +48,7 @@ def main() -> None:
     print(f"{'variant':24s} {'saturation':>10s} {'area':>7s} {'s_object':>9s} {'s_background':>12s}")
     for name, adapter in [("base", None), *((p, f"v{i}") for i, p in enumerate(args.loras))]:
         model.set_adapters(adapter)
-        row = parts(sample_all(model, texts, seeds, steps=20, guidance=3.0, batch_size=32))
+        row = parts(sample_all(model, texts, seeds, steps=20, guidance=3.0, batch_size=32, progress=False))
         print(f"{name[-24:]:24s} {row['saturation']:10.4f} {row['area']:7.4f} {row['s_object']:9.4f} "
               f"{row['s_background']:12.4f}")  # fmt: skip
 
