@@ -36,14 +36,19 @@ class OracleReward(Reward):
         score: ``"strict"``, ``"partial"``, ``"dense"`` or one attribute (``"color"``, ``"shape"``, ``"position"``,
             ``"direction"``, ``"consistent"``).
         batch_size: media per chunk.
+        shape_width: with ``score="dense"``, how far outside the named shape's fill-ratio band the shape credit
+            falls to 0 (0.15; smaller tells a nearly right shape, e.g. a square with rounded corners, from a right
+            one).
     """
 
-    def __init__(self, score: str = "strict", batch_size: int = 64):
+    def __init__(self, score: str = "strict", batch_size: int = 64, shape_width: float = 0.15):
         if score not in ("strict", "partial", "dense", *SINGLE):
             names = ", ".join(SINGLE)
             raise ValueError(f"score must be 'strict', 'partial', 'dense' or one of {names}, got {score!r}")
+        if shape_width <= 0:
+            raise ValueError(f"shape_width must be > 0, got {shape_width}")
         super().__init__(BUILTIN_SPECS["oracle"], batch_size)
-        self.score = score
+        self.score, self.shape_width = score, float(shape_width)
 
     def score_batch(self, media: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
         from visalign.toyworld import CaptionError, judge_images, judge_videos, parse_caption, parse_video_caption
@@ -76,7 +81,7 @@ class OracleReward(Reward):
             elif self.score == "strict":
                 scores.append(float(v.strict))
             elif self.score == "dense":
-                scores.append(dense_score(v, parse(prompts[i])))
+                scores.append(dense_score(v, parse(prompts[i]), self.shape_width))
             elif single is not None:
                 named = not math.isnan(values[single])
                 scores.append(values[single] if named else 0.0)
@@ -92,9 +97,9 @@ class OracleReward(Reward):
         )
 
 
-def load_oracle(score: str = "strict", batch_size: int = 64) -> OracleReward:
+def load_oracle(score: str = "strict", batch_size: int = 64, shape_width: float = 0.15) -> OracleReward:
     """The oracle (no weights)."""
-    return OracleReward(score, batch_size).freeze()
+    return OracleReward(score, batch_size, shape_width).freeze()
 
 
 def random_oracle(size: str = "tiny", score: str = "strict") -> OracleReward:

@@ -155,6 +155,16 @@ def test_oracle_on_rendered_images_and_videos():
     circle_as_square = (1 + shape_credit(circle_fill, "square")) / 2
     assert 0.6 < circle_as_square < 0.7
     assert dense(images, wrong).scores.tolist() == [pytest.approx(circle_as_square), pytest.approx(2 / 3), 0.0]
+    # a narrower credit: the circle drawn for "a red square" (0.115 under the band) earns no shape credit at 0.05
+    narrow = build_reward("oracle(score=dense, shape_width=0.05)")
+    assert narrow(images, wrong).scores.tolist()[0] == pytest.approx(0.5)
+    assert narrow(images, captions).scores.tolist() == [1.0, 1.0, 1.0]
+    from reward_models.oracle import OracleReward
+    from visalign.toyworld.oracle import SHAPE_CREDIT_WIDTH
+
+    assert OracleReward().shape_width == SHAPE_CREDIT_WIDTH
+    with pytest.raises(ValueError, match="shape_width must be > 0"):
+        build_reward("oracle(score=dense, shape_width=0)")
 
 
 def test_shape_credit_grows_toward_the_named_band():

@@ -196,8 +196,11 @@ def direction_sign(direction: str) -> float:
     return 1.0 if direction in ("right", "down") else -1.0
 
 
-def dense_score(verdict: ImageVerdict | VideoVerdict, caption: Caption | VideoCaption) -> float:
-    """The oracle's graded verdict, with shape as :func:`shape_credit` of the fill ratio instead of 0/1.
+def dense_score(
+    verdict: ImageVerdict | VideoVerdict, caption: Caption | VideoCaption, width: float = SHAPE_CREDIT_WIDTH
+) -> float:
+    """The oracle's graded verdict, with shape as :func:`shape_credit` of the fill ratio instead of 0/1 (credit
+    falling to 0 at ``width`` outside the named shape's band).
 
     Images: the mean of colour (0/1), shape credit and, when named, position (0/1); 0 without one object.
     Videos: the mean of the fraction of frames with the caption's colour, the mean shape credit over the frames,
@@ -207,13 +210,13 @@ def dense_score(verdict: ImageVerdict | VideoVerdict, caption: Caption | VideoCa
     if isinstance(verdict, ImageVerdict):
         if not verdict.object:
             return 0.0
-        parts = [float(verdict.color_ok), shape_credit(verdict.fill_ratio, caption.shape)]
+        parts = [float(verdict.color_ok), shape_credit(verdict.fill_ratio, caption.shape, width)]
         if verdict.position_ok is not None:
             parts.append(float(verdict.position_ok))
         return sum(parts) / len(parts)
     frames = len(verdict.colors)
     color = [float(c == caption.color) for c in verdict.colors]
-    shape = [shape_credit(f, caption.shape) for f in verdict.fill_ratios]
+    shape = [shape_credit(f, caption.shape, width) for f in verdict.fill_ratios]
     both = sum(c * s for c, s in zip(color, shape)) / frames
     progress = 0.0
     if verdict.displacement is not None:
