@@ -64,7 +64,6 @@ class EvaluateConfig:
             raise ConfigError("--experts_alone, --skip_stride and --skip_above need --experts")
 
 
-
 def lora_names(paths: list[str]) -> list[str]:
     """Row names of the LoRAs: the shortest path tails that tell them apart (``run_a/final``, ``run_b/final``)."""
     parts = [Path(p).resolve().parts for p in paths]
@@ -73,6 +72,7 @@ def lora_names(paths: list[str]) -> list[str]:
         if len(set(names)) == len(names) and "base" not in names:
             return names
     return [f"{name}-{i}" for i, name in enumerate(names)]  # the same folder twice
+
 
 def run(cfg: EvaluateConfig) -> dict:
     import torch
