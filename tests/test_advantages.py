@@ -82,6 +82,19 @@ def test_singletons_are_zero_everywhere_even_without_eps():
     assert A.group_advantages(torch.tensor([1, 3]), group_size=2).dtype == torch.float32  # integer rewards -> fp32
 
 
+def test_flat_groups_are_the_valid_members_of_groups_that_tie():
+    r = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.7, 0.3, 0.3, math.nan, 0.9, 0.9 + 1e-7])
+    valid = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    ids = torch.tensor([5, 5, 1, 1, 2, 3, 3, 3, 4, 4])  # any integers; an invalid member does not break a tie
+    flat = A.flat_groups(r, valid, ids)
+    assert flat.tolist() == [True, True, False, False, True, True, True, False, False, False]
+    adv = A.group_advantages(r[valid], ids[valid], std="none")
+    assert (adv[flat[valid]] == 0).all() and (adv[~flat[valid]] != 0).all()  # flat = exactly no signal
+    assert not A.flat_groups(r, torch.zeros_like(valid), ids).any()
+    with pytest.raises(VisalignError, match="alike"):
+        A.flat_groups(r, valid[:3], ids)
+
+
 def test_clip_advantages():
     assert A.clip_advantages(t([-9.0, -1.0, 0.0, 7.0])).tolist() == [-5.0, -1.0, 0.0, 5.0]
     assert A.clip_advantages(t([3.0]), max_abs=2.0).tolist() == [2.0]

@@ -210,6 +210,47 @@ def test_invalid_and_nan_rewards_are_excluded_and_counted(tmp_path, prompt_file)
     assert all(p.grad is None for p in task.params)  # never trained on: not even a zero gradient
 
 
+class TiedSecondGroup(Brightness):
+    """Brightness, except that the second prompt's group (rows 3-5 with group_size 3) ties at 0.5."""
+
+    def score_batch(self, media, prompts):
+        scores = brightness(media)
+        scores[3:] = 0.5
+        return scores
+
+
+def test_skip_flat_groups_trains_the_same_policy_gradient_on_fewer_samples(tmp_path, prompt_file):
+    def grads(task, ro, micro_batches):
+        for p in task.params:
+            p.grad = None
+        for rows in micro_batches:  # the accumulation the loop does: each micro-batch's loss over their count
+            loss, _ = task.item_loss(ro, rows, 0)
+            (loss / len(micro_batches)).backward()
+        return torch.cat([p.grad.flatten() for p in task.params])
+
+    task = make("sd3", tmp_path, prompt_file, reward=TiedSecondGroup(), group_size=3, beta_kl=0.0)
+    with torch.no_grad():  # a non-zero LoRA, so the policy gradient reaches every LoRA weight
+        for p in task.params:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    ro = task.rollout([0, 1])
+    assert ro.metrics["rollout/flat_groups"] == 0.5 and ro.metrics["rollout/trained_samples"] == 6.0
+    assert (ro.advantages[3:] == 0).all() and ro.trained.all()
+    g_all = grads(task, ro, [torch.arange(6)])
+    assert g_all.abs().max() > 1e-5  # tolerances below are 1e-4 relative, 1e-9 absolute
+    task.config.skip_flat_groups = True
+    task.score(ro)
+    assert ro.trained.tolist() == [True] * 3 + [False] * 3 and ro.sample_weight == 2.0
+    assert ro.metrics["rollout/trained_samples"] == 3.0
+    g_skip = grads(task, ro, [torch.arange(6)])
+    # the flat group's terms were zero: the same gradient, as a mean over the 3 samples trained instead of all 6
+    torch.testing.assert_close(g_skip, 2 * g_all, rtol=1e-4, atol=1e-9)
+    # split unevenly into micro-batches (as over processes), each samples' weight is still 1 / (samples trained)
+    g_split = grads(task, ro, [torch.tensor([0, 3, 4]), torch.tensor([1, 2, 5])])
+    torch.testing.assert_close(g_split, g_skip, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ConfigError, match="advantage_history"):
+        make("sd3", tmp_path, prompt_file, skip_flat_groups=True, advantage_history=16)
+
+
 def test_remote_reward_timeout_fails_the_step_clearly(tmp_path, prompt_file):
     class Slow(Brightness):
         def score_batch(self, media, prompts):

@@ -152,6 +152,7 @@ def test_resume_equals_uninterrupted(tmp_path, prompt_file):
         ({"train_batch_size": 2}, "multiple of group_size"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"rwr_scores": "rank"}, "rwr_scores must be"),
+        ({"skip_flat_groups": True}, "regresses on a tied group"),
     ],
 )
 def test_bad_config(prompt_file, bad, message):

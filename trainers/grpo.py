@@ -21,8 +21,10 @@ Departures from the reference code, and why:
 
 * LoRA only; the reference is the base with the adapter disabled, never a copy.
 * Samples whose reward is NaN or ``valid=False`` are excluded from advantages and from the update, and counted
-  (``rollout/invalid``); the reference scripts train on them. A reward that fails (a remote one that times out)
-  stops the run naming the step, instead of hanging or training on garbage.
+  (``rollout/invalid``); the reference scripts train on them. ``skip_flat_groups`` also leaves out the groups whose
+  rewards tie (advantage 0), as DAPO does; the loss is a mean over the samples trained in the whole rollout. A
+  reward that fails (a remote one that times out) stops the run naming the step, instead of hanging or training
+  on garbage.
 * Each process rolls out whole groups; rewards are gathered over processes before advantages, so groups and the
   ``batch`` std span every process (as flow_grpo). Each sample draws its noise from a generator seeded by
   (seed, epoch, prompt, member) and the SDE window from (seed, rollout), so N processes x ``batch_size`` B roll
@@ -56,7 +58,7 @@ from trainers.grpo_config import (  # noqa: F401  (re-exported: the trainer's op
     toy_flow_clip,
 )
 from trainers.speed import apply_speed_options
-from visalign.advantages import PromptStatTracker, clip_advantages, group_advantages, ppo_clip_loss
+from visalign.advantages import PromptStatTracker, clip_advantages, flat_groups, group_advantages, ppo_clip_loss
 from visalign.distributed import gather_rows, process_state
 from visalign.errors import ConfigError
 from visalign.models import cat_cond, index_cond
@@ -88,6 +90,8 @@ class Rollout:
         scheduler: the timestep grid of the rollout (rebuilt identically for training).
         pixels: ``[N, ...]`` decoded samples in [0, 1].
         rewards, valid, advantages: ``[N]`` (NaN rewards are invalid; invalid samples get advantage 0).
+        trained: ``[N]`` the samples the update trains (valid, and not in a flat group with ``skip_flat_groups``);
+            sample_weight: ``N_all / trained_all`` over every process (a trained sample's loss weight x N_all).
         clean: ``[N, ...]`` the pixels encoded again (RWR's regression targets; ``None`` for GRPO).
     """
 
@@ -103,6 +107,8 @@ class Rollout:
     rewards: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    trained: torch.Tensor | None = None
+    sample_weight: float = 1.0
     clean: torch.Tensor | None = None
     metrics: dict[str, float] = dc_field(default_factory=dict)
 
@@ -310,9 +316,20 @@ class GRPO:
             else:
                 adv = group_advantages(r, ids, std=cfg.advantage_std)
             advantages[all_valid] = clip_advantages(adv, cfg.adv_clip_max)
+        flat = flat_groups(all_rewards, all_valid, all_ids)
+        trained = all_valid & ~flat if cfg.skip_flat_groups else all_valid
         n, rank = len(rewards), process_state().process_index
+        own = slice(rank * n, (rank + 1) * n)
         rollout.rewards, rollout.valid = rewards, valid
-        rollout.advantages = advantages[rank * n : (rank + 1) * n].clone()
+        rollout.advantages = advantages[own].clone()
+        rollout.trained = trained[own].clone()
+        # each trained sample weighs 1 / (samples trained in the whole rollout), on every process alike
+        rollout.sample_weight = len(all_rewards) / max(int(trained.sum()), 1)
+        groups = torch.unique(all_ids[all_valid])
+        rollout.metrics["rollout/flat_groups"] = (
+            float(torch.isin(groups, all_ids[all_valid & flat]).float().mean()) if len(groups) else float("nan")
+        )
+        rollout.metrics["rollout/trained_samples"] = float(trained.sum())
         return rollout
 
     def rollout(self, prompt_ids: list[int]) -> Rollout:
@@ -326,7 +343,7 @@ class GRPO:
         self.rollouts += 1
         good = ro.rewards[ro.valid]
         n = len(ro.prompts)
-        ro.metrics = {
+        ro.metrics |= {
             "reward/mean": float(good.mean()) if len(good) else float("nan"),
             "reward/std": float(good.std(correction=0)) if len(good) else float("nan"),
             "rollout/invalid": float(n - len(good)),
@@ -367,9 +384,11 @@ class GRPO:
             return model.sde_step(*args, prev_sample=x_next)
 
     def item_loss(self, ro: Rollout, rows: torch.Tensor, slot: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """PPO-clip loss plus ``beta_kl`` KL on one micro-batch of one trained step (invalid samples dropped)."""
+        """PPO-clip loss plus ``beta_kl`` KL on one micro-batch of one trained step (samples not trained dropped)."""
         cfg = self.config
-        rows = rows[ro.valid[rows]]
+        # a mean over the micro-batch's share of the samples trained, which is the plain mean when all are
+        share = ro.sample_weight / len(rows)
+        rows = rows[ro.trained[rows]]
         if rows.numel() == 0:  # nothing valid to learn from: no gradient at all (not a zero gradient)
             empty = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio": 1.0}
             return torch.zeros((), requires_grad=True), empty
@@ -377,7 +396,7 @@ class GRPO:
         old = ro.log_probs[rows, ro.train_steps[rows, slot].to(ro.log_probs.device)]
         adv = ro.advantages[rows].to(step.log_prob.device)
         losses, stats = ppo_clip_loss(step.log_prob, old.to(step.log_prob.device), adv, clip_range=cfg.clip_range)
-        policy_loss = losses.mean()
+        policy_loss = losses.sum() * share
         loss, kl_mean = policy_loss, torch.zeros(())
         if cfg.beta_kl > 0:
             ref = self.recompute(ro, rows, slot, reference=True)
@@ -385,7 +404,7 @@ class GRPO:
             stochastic = scale.flatten(1)[:, 0] > 0  # noise-free steps have no KL (their ratio is exactly 1)
             kl = kl_to_reference(step.mean, ref.mean, torch.where(scale > 0, scale, torch.ones_like(scale)))
             kl = torch.where(stochastic, kl, torch.zeros_like(kl))
-            kl_mean = kl.mean()
+            kl_mean = kl.sum() * share
             loss = loss + cfg.beta_kl * kl_mean
         metrics = {"policy_loss": float(policy_loss.detach()), "kl": float(kl_mean.detach())}
         metrics.update({k: float(v) for k, v in stats.items()})

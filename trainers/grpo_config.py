@@ -47,6 +47,11 @@ class GRPOConfig(SpeedOptions, TrainConfig):
     adv_clip_max: float = field(5.0, help="advantages clipped to [-x, x]")
     advantage_std: str = field("group", help="divide by the std of the prompt's group, the whole 'batch', or 'none'")
     advantage_history: int = field(0, help="rewards kept per prompt across rollouts as baseline (0: this rollout)")
+    skip_flat_groups: bool = field(
+        False,
+        help="leave out of the update the groups whose rewards all tie (advantage 0; DAPO's filter): the same "
+        "policy gradient for less compute, normalised over the samples trained; their KL term goes too",
+    )
     beta_kl: float = field(0.04, help="KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0: no ref pass)")
     lora_rank: int = field(32, help="LoRA rank")
     lora_alpha: float | None = field(64.0, help="LoRA alpha (None: the rank)")
@@ -83,6 +88,11 @@ class GRPOConfig(SpeedOptions, TrainConfig):
             raise ConfigError(f"timestep_selection must be one of {TIMESTEP_SELECTIONS}")
         if self.advantage_std not in ("group", "batch", "none"):
             raise ConfigError(f"advantage_std must be group, batch or none, got {self.advantage_std!r}")
+        if self.skip_flat_groups and self.advantage_history:
+            raise ConfigError(
+                "skip_flat_groups drops groups whose rewards tie, whose advantage is 0 only against their own mean: "
+                "with advantage_history the baseline is the prompt's history, so leave one of the two off"
+            )
         if self.advantage_history and self.advantage_std == "none":
             raise ConfigError("advantage_history tracks z-scores: use advantage_std group or batch with it")
         for name in ("group_size", "steps", "inner_epochs", "lora_rank", "monitor_patience", "eval_samples"):

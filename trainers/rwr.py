@@ -54,6 +54,10 @@ class RWRConfig(GRPOConfig):
         if self.rwr_scores not in ("advantage", "reward"):
             raise ConfigError(f"rwr_scores must be 'advantage' or 'reward', got {self.rwr_scores!r}")
         losses.get("rwr").validate(temperature=self.temperature)
+        if self.skip_flat_groups:
+            raise ConfigError(
+                "skip_flat_groups is GRPO's: RWR regresses on a tied group too (its softmax weights are uniform)"
+            )
         for name in ("train_batch_size", "samples_per_update"):
             if getattr(self, name) % self.group_size:
                 raise ConfigError(

@@ -25,6 +25,7 @@ from visalign.errors import ConfigError, VisalignError
 __all__ = [
     "PromptStatTracker",
     "clip_advantages",
+    "flat_groups",
     "gaussian_mean_kl",
     "group_advantages",
     "group_ids_from_prompts",
@@ -125,6 +126,26 @@ def group_advantages(
 def grpo_advantages(rewards: Tensor, group_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
     """Alias of :func:`group_advantages` with ``std="group"`` by default."""
     return group_advantages(rewards, group_ids, **kwargs)
+
+
+def flat_groups(rewards: Tensor, valid: Tensor, group_ids: Tensor) -> Tensor:
+    """``[N]`` bool: the valid samples of groups whose valid rewards all tie (a singleton group too).
+
+    Their group-relative advantages are 0, so they carry no policy gradient: DAPO (Yu et al. 2025, "dynamic
+    sampling") leaves such groups out of the update. Ties are exact (``max == min``), as a verifiable reward's are.
+    """
+    if not (rewards.shape == valid.shape == group_ids.shape and rewards.ndim == 1):
+        shapes = [list(rewards.shape), list(valid.shape), list(group_ids.shape)]
+        raise VisalignError(f"rewards, valid and group_ids must be [N] alike, got {shapes}")
+    out = torch.zeros_like(valid, dtype=torch.bool)
+    if not bool(valid.any()):
+        return out
+    r, g = rewards[valid].double(), torch.unique(group_ids[valid], return_inverse=True)[1]
+    size = int(g.max()) + 1
+    high = torch.full((size,), -math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amax")
+    low = torch.full((size,), math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amin")
+    out[valid] = (high == low)[g]
+    return out
 
 
 def rloo_advantages(rewards: Tensor, group_ids: Tensor | None = None, *, group_size: int | None = None) -> Tensor:
