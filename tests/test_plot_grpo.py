@@ -47,3 +47,17 @@ def test_reads_reports_and_logs_and_writes_the_png(plot_grpo, tmp_path):
     assert Image.open(out).size[0] > 1000
     with pytest.raises(SystemExit, match="no eval/step"):
         plot_grpo.main([str(tmp_path / "x.png"), str(tmp_path)])
+
+
+def test_seeds_given_together_are_drawn_as_mean_and_band(plot_grpo, tmp_path):
+    runs = [fake_run(tmp_path / f"seed{i}", {0: 0.5, 10: 0.5 + i / 10, 20: 0.6 + i / 10}) for i in range(3)]
+    series = [(ev["step"], ev["held_in"]) for ev in map(plot_grpo.evaluations, runs)]
+    steps, mean, low, high = plot_grpo.across(series, "evaluations")
+    assert steps == [0, 10, 20] and low == [50.0, 50.0, 60.0] and high == [50.0, 70.0, 80.0]
+    assert mean == pytest.approx([50.0, 60.0, 70.0])
+    assert plot_grpo.across([([0, 10], [1.0, 2.0]), ([10, 20], [4.0, 5.0])], "x")[:2] == ([10], [3.0])
+    with pytest.raises(SystemExit, match="share no step"):
+        plot_grpo.across([([0], [1.0]), ([5], [2.0])], "evaluations")
+    out = tmp_path / "seeds.png"
+    assert plot_grpo.main([str(out), "3 seeds=" + ",".join(map(str, runs)), str(runs[0])]) == 0
+    assert Image.open(out).size[0] > 1000
