@@ -1,4 +1,5 @@
-"""GRPO rollout throughput and update time: full SDE (Flow-GRPO) against an SDE window (MixGRPO / Flow-GRPO-Fast).
+"""GRPO rollout throughput and update time: full SDE (Flow-GRPO) against an SDE window (MixGRPO / Flow-GRPO-Fast),
+and both against the loop of Flow-GRPO's own training script (``flow_grpo reference``, benchmarks/grpo_reference.py).
 
 Both modes sample the same number of steps (rollout cost is the same); the window trains ``--window`` steps per
 sample instead of all but the last, which is where its time goes. Per mode: rollout samples/s, the update time of
@@ -104,9 +105,51 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_reference(args) -> tuple[int, int, list[float], list[float]]:
+    """Flow-GRPO's own loop (benchmarks/grpo_reference.py) on the same pipeline, LoRA and sizes: forward FLOPs,
+    trained steps per sample, and the rollout and update seconds of each timed rollout."""
+    from benchmarks import grpo_reference as ref
+    from visalign.models import FAMILIES
+
+    if args.preset in VIDEO_PRESETS:
+        raise SystemExit("the flow_grpo reference mode is written for SD3 (its train_sd3.py); drop it for video")
+    with torch.device(args.device):
+        pipe = build_pipeline(args.preset)
+    model = FAMILIES["sd3"](pipe, device=args.device, dtype=getattr(torch, args.dtype))
+    forward = denoiser_forward_flops(model, args.resolution, None)
+    params = model.add_lora(rank=args.rank, alpha=float(args.rank))
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    prompts = [f"a photo of object {i}" for i in range(args.prompts) for _ in range(args.group)]
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    rollouts, updates = [], []
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(args.warmup + args.repeats):
+        sync(args.device)
+        t0 = time.perf_counter()
+        ro = ref.rollout(pipe, prompts, steps=args.steps, guidance=4.5, resolution=args.resolution, noise_level=0.7,
+                         generator=generator)  # fmt: skip
+        rewards = brightness(ro["pixels"]).float().cpu()
+        sync(args.device)
+        t1 = time.perf_counter()
+        ref.update(model, optimizer, ro, rewards, group=args.group, guidance=4.5, noise_level=0.7,
+                   beta_kl=args.beta_kl, clip_range=1e-4, train_batch=args.train_batch)  # fmt: skip
+        sync(args.device)
+        if r >= args.warmup:
+            rollouts.append(t1 - t0)
+            updates.append(time.perf_counter() - t1)
+    return forward, args.steps - 1, rollouts, updates
+
+
 def run_mode(mode: str, lever: str, args, prompt_file: str, out_dir: str) -> dict:
     from visalign.models import FAMILIES
 
+    if mode == "flow_grpo reference":
+        forward, trained, rollouts, updates = run_reference(args)
+        result = timings(mode, lever, args, forward, trained, rollouts, updates, cfg_on=True, updates_per_rollout=1)
+        if args.device.startswith("cuda"):
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return result
     video = args.preset in VIDEO_PRESETS
     with torch.device(args.device):  # initialise on the GPU when there is one
         pipe = build_video_pipeline(args.preset) if video else build_pipeline(args.preset)
@@ -147,20 +190,28 @@ def run_mode(mode: str, lever: str, args, prompt_file: str, out_dir: str) -> dic
         if r >= args.warmup:
             rollouts.append(t1 - t0)
             updates.append(time.perf_counter() - t1)
+    result = timings(mode, lever, args, forward, cfg.trained_steps, rollouts, updates,
+                     cfg_on=model.uses_cfg(cfg.guidance), updates_per_rollout=cfg.updates_per_rollout)  # fmt: skip
+    if args.device.startswith("cuda"):
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def timings(mode, lever, args, forward, trained, rollouts, updates, *, cfg_on, updates_per_rollout) -> dict:
+    """The figures of one mode from its timed rollouts (medians) and the FLOPs of its shapes."""
     samples = args.prompts * args.group
     rollout_s, update_s = sorted(rollouts)[len(rollouts) // 2], sorted(updates)[len(updates) // 2]
-    flops = grpo_rollout_flops(forward, samples, cfg.steps, cfg.trained_steps, cfg=model.uses_cfg(cfg.guidance),
-                               kl=cfg.beta_kl > 0)  # fmt: skip
+    flops = grpo_rollout_flops(forward, samples, args.steps, trained, cfg=cfg_on, kl=args.beta_kl > 0)
     result = {
         "mode": mode,
         "lever": lever,
         "forward_flops_per_sample": forward,
         "rollout_flops": flops["total"],
-        "trained_steps_per_sample": cfg.trained_steps,
+        "trained_steps_per_sample": trained,
         "rollout_samples_per_s": samples / rollout_s,
         "rollout_s": rollout_s,
         "update_s_per_rollout": update_s,
-        "update_s_per_optimizer_step": update_s / cfg.updates_per_rollout,
+        "update_s_per_optimizer_step": update_s / updates_per_rollout,
         "total_s_per_rollout": rollout_s + update_s,
         "samples_per_s": samples / (rollout_s + update_s),
         "tflops_per_s": flops["total"] / (rollout_s + update_s) / 1e12,
@@ -168,8 +219,6 @@ def run_mode(mode: str, lever: str, args, prompt_file: str, out_dir: str) -> dic
         "rollout_mfu": mfu(flops["rollout"], rollout_s, args.peak),
         "update_mfu": mfu(flops["update"], update_s, args.peak),
     }
-    if args.device.startswith("cuda"):
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
@@ -190,7 +239,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--modes", default="full SDE,SDE window", help="comma-separated: full SDE, SDE window")
+    modes = "full SDE,SDE window,flow_grpo reference"
+    p.add_argument("--modes", default=modes, help=f"comma-separated: {modes} (flow_grpo's train_sd3.py loop)")
     p.add_argument("--levers", default="base", help=f"comma-separated, each run alone: {', '.join(LEVERS)}")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU's table)")
     p.add_argument("--out", default="benchmarks/results/bench_grpo.json")
@@ -220,11 +270,19 @@ def main():
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a time box keeps the rest
                 Path(args.out).write_text(json.dumps(report, indent=2))
     by_mode = {r["mode"]: r for r in rows if r["lever"] == rows[0]["lever"]}
-    if len(by_mode) == 2:
+    if "SDE window" in by_mode and "full SDE" in by_mode:
         saving = 1 - by_mode["SDE window"]["total_s_per_rollout"] / by_mode["full SDE"]["total_s_per_rollout"]
         print(f"SDE window: {saving:.0%} less time per rollout (rollout + update)")
         report["window_time_saving"] = saving
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    reference = next((r for r in rows if r["mode"] == "flow_grpo reference"), None)
+    if reference is not None:  # every visalign row against flow_grpo's loop: rollout + update samples/s
+        report["speedup_over_flow_grpo"] = {
+            f"{r['mode']} / {r['lever']}": r["samples_per_s"] / reference["samples_per_s"]
+            for r in rows if r["mode"] != "flow_grpo reference"
+        }  # fmt: skip
+        for name, x in report["speedup_over_flow_grpo"].items():
+            print(f"{name}: {x:.2f}x the flow_grpo reference step's samples/s")
+    Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"saved {args.out}")
 
 
