@@ -253,8 +253,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.txt"
         prompt_file.write_text("\n".join(f"a photo of object {i}" for i in range(args.prompts)) + "\n")
-        for lever in args.levers.split(","):
+        levers = args.levers.split(",")
+        for lever in levers:
             for mode in args.modes.split(","):
+                if mode == "flow_grpo reference" and lever != levers[0]:
+                    continue  # the reference loop has no levers: one row
                 out_dir = str(Path(tmp) / f"{mode}-{lever}".replace(" ", "-"))
                 result = run_mode(mode, lever, args, str(prompt_file), out_dir)
                 rows.append(result)

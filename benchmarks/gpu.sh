@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default benchmarks/results)
 # What it measures: pairs/s, FLOPs, MFU and peak memory per batch size (DPO and MaPO, SDXL 1024 px); visalign
 # against the naive step; each speed lever alone (compile, channels_last, fused_adam, an SDPA kernel); GRPO
-# (full SDE and SDE window) on SD3-Medium with MFU; Wan2.1-1.3B DPO and GRPO. The JSON files record the device.
+# (full SDE, SDE window, and flow_grpo's own loop) on SD3-Medium with MFU; Wan2.1-1.3B DPO and GRPO. The JSON files
+# record the device.
 set -u
 OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
@@ -20,8 +21,8 @@ step 90 python3 benchmarks/bench_dpo.py $SDXL --batch 1 --out "$OUT/bench_dpo_sd
 # 3. each lever alone on the DPO step, batch 1 (compile's first steps compile: --warmup 2)
 step 110 python3 benchmarks/bench_dpo.py $SDXL --batch 1 --warmup 2 --methods "dpo visalign" \
     --levers base,compile,channels_last,fused_adam,sdpa-cudnn,sdpa-flash --out "$OUT/bench_dpo_sdxl_1024_levers_gpu.json"
-# 4. GRPO on SD3-Medium: full SDE and SDE window, with and without compile
-step 80 python3 benchmarks/bench_grpo.py --preset sd3 --resolution 512 --prompts 2 --group 4 --train_batch 2 \
+# 4. GRPO on SD3-Medium: full SDE and SDE window, with and without compile, and flow_grpo's own loop (one row)
+step 110 python3 benchmarks/bench_grpo.py --preset sd3 --resolution 512 --prompts 2 --group 4 --train_batch 2 \
     --repeats 1 --dtype bfloat16 --device cuda --levers base,compile --out "$OUT/bench_grpo_sd3_512_gpu.json"
 # 5. Wan2.1-1.3B video: DPO / MaPO (no naive: it ran past its box before) and GRPO
 step 45 python3 benchmarks/bench_dpo.py --preset wan-1.3b --resolution 480 --num_frames 17 --batch 1 --steps 3 \

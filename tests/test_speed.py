@@ -109,15 +109,18 @@ def test_fused_adamw_takes_the_same_steps(tiny_pipeline_dir, pairs, tmp_path):
     weights = {}
     for fused in (False, True):
         task = dpo_task(tiny_pipeline_dir, pairs, tmp_path / str(fused), fused_adam=fused, max_steps=2)
+        start = {k: v.clone() for k, v in task.state_dict().items()}
         trainer = Trainer(task)
         assert trainer.optimizer.param_groups[0]["fused"] is (True if fused else None)
         trainer.train()
         weights[fused] = task.state_dict()
-    moved = 0
+    # An Adam step moves a weight by up to about lr; the two kernels round g / (sqrt(v) + eps) differently, which
+    # shows where a gradient is near eps (3e-6 after two steps on some CPUs): they agree to 1% of a step.
+    lr, steps = task.config.learning_rate, 2
     for k, v in weights[True].items():
-        torch.testing.assert_close(v, weights[False][k], atol=1e-6, rtol=1e-5)
-        moved += not torch.equal(v, torch.zeros_like(v))
-    assert moved
+        torch.testing.assert_close(v, weights[False][k], atol=0.01 * lr * steps, rtol=0)
+    moved = max(float((v - start[k]).abs().max()) for k, v in weights[True].items())
+    assert moved > 0.25 * lr  # the steps are many times the tolerance
 
 
 class Ops(TorchDispatchMode):
