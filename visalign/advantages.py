@@ -142,8 +142,8 @@ def flat_groups(rewards: Tensor, valid: Tensor, group_ids: Tensor) -> Tensor:
         return out
     r, g = rewards[valid].double(), torch.unique(group_ids[valid], return_inverse=True)[1]
     size = int(g.max()) + 1
-    high = torch.full((size,), -math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amax")
-    low = torch.full((size,), math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amin")
+    high = torch.full((size,), -math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, g, r, "amax")
+    low = torch.full((size,), math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, g, r, "amin")
     out[valid] = (high == low)[g]
     return out
 
